@@ -1,0 +1,5 @@
+"""Dual-level KL distillation losses (DESIGN §7): one loss per module."""
+from distill.losses.map_kl import MapKLLoss
+from distill.losses.token_kl import TokenKLLoss
+
+__all__ = ["MapKLLoss", "TokenKLLoss"]

@@ -1,0 +1,47 @@
+"""Token-level KL: per student-visible token, a softmax over channels (DESIGN §7, L_tok)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def check_temperature(temperature: float, name: str) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def upcast(x: Tensor) -> Tensor:
+    # log-softmax differences lose most of their bits in bf16; keep float64 when a test asks for it.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class TokenKLLoss(nn.Module):
+    """τ² · mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)), softmax over the channel axis.
+
+    The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.). The
+    target is detached: it is a fused teacher target, never something to optimise.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature, "token KL temperature")
+
+    def forward(self, student: Tensor, target: Tensor) -> Tensor:
+        """student, target: (B, K, d) -> scalar loss."""
+        if student.dim() != 3 or student.shape != target.shape:
+            raise ValueError(f"student {tuple(student.shape)} and target {tuple(target.shape)} must both be (B, K, d)")
+        if student.shape[1] == 0:
+            raise ValueError("token KL over zero tokens: the student saw no token")
+        tau = self.temperature
+        log_p_s = F.log_softmax(upcast(student) / tau, dim=-1)
+        log_p_t = F.log_softmax(upcast(target.detach()) / tau, dim=-1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)  # (B, K)
+        return tau**2 * kl.mean()
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"

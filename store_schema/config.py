@@ -1,0 +1,452 @@
+"""The one typed configuration schema of the pipeline.
+
+`pipeline.toml` is parsed with the standard library's TOML reader into the dataclasses below. Every
+key is required (the shipped file spells out every number of the method), unknown keys and wrong
+types are errors naming the key and the valid choices, and impossible values fail here, before any
+work starts. `--set section.key=value` overrides are applied before validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    urls: list[str]  # WebDataset tars: brace patterns, paths, fsspec URLs, or "@file" listing URLs
+    image_size: int
+    patch_size: int
+    batch_size: int  # images per teacher forward
+    num_workers: int  # decoding processes per extraction process
+    max_failure_fraction: float  # stop the run when more inputs than this are skipped
+    max_image_pixels: int  # larger decoded images are refused (decompression-bomb guard)
+
+
+@dataclass(frozen=True)
+class ViewsConfig:
+    num_views: int
+    crop_scale: list[float]
+    crop_ratio: list[float]
+    hflip_prob: float
+    interpolation: str
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    student_visible: float
+    nested: bool  # teacher visible sets form a chain V_s ⊆ V_1 ⊆ V_2 ⊆ ... ordered by fraction
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str
+    arch: str
+    arch_kwargs: dict[str, Any]
+    weights: str  # timm tag when format = "timm", else a local path or fsspec URL of a checkpoint
+    format: str
+    visible: float
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    root: str
+    dtype: str
+    compression: str
+    compression_level: int
+    chunk_samples: int  # samples per inner chunk (one view): the unit of a training read
+    shard_samples: int  # samples per shard file: the unit of a write, one writer each
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str
+    arch_kwargs: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    decoder_depth: int
+    decoder_heads: int
+    decoder_mlp_ratio: float
+    adapter_init: str
+    adapter_trainable: bool
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    variant: str
+    temperature: float
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    token_weight: float
+    map_weight: float
+    token_temperature: float
+    map_temperature: float
+    standardize_targets: bool
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float  # lr = base_lr * global_batch / lr_reference_batch
+    lr_reference_batch: int
+    betas: list[float]
+    weight_decay: float
+    warmup_steps: int
+    min_lr: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str
+    batch_size: int  # per process
+    steps: int
+    num_workers: int
+    shuffle_window: int  # samples shuffled together in memory; a multiple of batch_size
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    mixed_precision: str
+    targets: str
+    max_nonfinite_steps: int  # consecutive skipped steps before the run stops
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    train_urls: list[str]
+    test_urls: list[str]
+    batch_size: int
+    knn_k: list[int]
+    knn_temperature: float
+    probe_epochs: int
+    probe_lr: float
+    probe_weight_decay: float
+    probe_batch_size: int
+    features: list[str]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    seed: int
+    data: DataConfig
+    views: ViewsConfig
+    masks: MasksConfig
+    teachers: dict[str, TeacherConfig]
+    store: StoreConfig
+    student: StudentConfig
+    heads: HeadsConfig
+    gate: GateConfig
+    loss: LossConfig
+    optim: OptimConfig
+    train: TrainConfig
+    eval: EvalConfig
+    source: str = field(default="<dict>", compare=False)  # where it was loaded from, for messages
+
+    @property
+    def grid_size(self) -> int:
+        return self.data.image_size // self.data.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def student_tokens(self) -> int:
+        return visible_count(self.masks.student_visible, self.num_patches)
+
+    def teacher_tokens(self, name: str) -> int:
+        return visible_count(self.teachers[name].visible, self.num_patches)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "views.interpolation": ("bilinear", "bicubic"),
+    "teachers.*.format": ("timm", "mae", "mocov3", "ibot", "state_dict"),
+    "store.dtype": ("float32", "float16", "int8"),
+    "store.compression": ("zstd", "blosc", "none"),
+    "heads.adapter_init": ("pca", "random"),
+    "gate.variant": ("joint", "mean", "affinity", "agreement"),
+    "train.mixed_precision": ("auto", "bf16", "no"),
+    "train.targets": ("store", "online"),
+    "eval.features": ("cls", "mean_patch"),
+}
+
+
+def visible_count(fraction: float, num_patches: int) -> int:
+    """Tokens kept for a visible fraction: round half up, so 0.25 of 196 is exactly 49."""
+    return int(math.floor(fraction * num_patches + 0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline TOML file, apply `section.key=value` overrides, type-check and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass --config pipeline.toml (the shipped default)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is read as TOML, else as a bare string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if len(keys) < 1 or not all(keys):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            if k in node:
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            nxt = node[k] = {}  # the unknown-key check below names it
+        node = nxt
+    node[keys[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    raw = dict(raw)
+    teachers_raw = raw.pop("teachers", None)
+    if not isinstance(teachers_raw, dict) or not teachers_raw:
+        raise ConfigError(f"{source}: [teachers.<name>] tables are required (at least one teacher)")
+    teachers = {}
+    for name, table in teachers_raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: teachers.{name} must be a table")
+        teachers[name] = _build(TeacherConfig, {"name": name, **table}, f"teachers.{name}", source)
+    top = {k: v for k, v in raw.items()}
+    top["teachers"] = teachers
+    cfg = _build(PipelineConfig, top, "", source, skip={"teachers", "source"})
+    cfg = dataclasses.replace(cfg, source=source)
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str, skip: set[str] = frozenset()) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(_dot(prefix, k) for k in unknown)} in {where}; "
+            f"valid keys are: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        key = _dot(prefix, name)
+        if name not in raw:
+            raise ConfigError(f"{source}: missing key {key!r} (see the shipped pipeline.toml for its meaning)")
+        value = raw[name]
+        if name in skip:
+            kwargs[name] = value
+            continue
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _dot(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key!r} must be a table [{key}], got {type(value).__name__}")
+        return _build(hint, value, key, source)
+    if hint is Any:
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key!r} must be a list of {item_hint.__name__}, got {value!r}")
+        return [_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key!r} must be an inline table, got {value!r}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key!r} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key!r} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key!r} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a schema bug, not a user error
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: impossible values fail at load time
+
+
+def validate(cfg: PipelineConfig) -> None:
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    for key, allowed in CHOICES.items():
+        section, _, name = key.partition(".")
+        if section == "teachers":
+            values = [(f"teachers.{t}.format", tc.format) for t, tc in cfg.teachers.items()]
+        else:
+            v = getattr(getattr(cfg, section), name)
+            values = [(key, x) for x in v] if isinstance(v, list) else [(key, v)]
+        for k, v in values:
+            check(v in allowed, f"{k} = {v!r} is not one of {', '.join(map(repr, allowed))}")
+
+    d = cfg.data
+    check(d.image_size > 0 and d.patch_size > 0, "data.image_size and data.patch_size must be positive")
+    check(d.patch_size > 0 and d.image_size % d.patch_size == 0,
+          f"data.patch_size = {d.patch_size} does not divide data.image_size = {d.image_size}")
+    check(d.batch_size >= 1, "data.batch_size must be >= 1")
+    check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    check(0.0 <= d.max_failure_fraction <= 1.0, "data.max_failure_fraction must be in [0, 1]")
+    check(d.max_image_pixels > 0, "data.max_image_pixels must be positive")
+    check(len(d.urls) > 0, "data.urls is empty: list the input WebDataset tars")
+
+    v = cfg.views
+    check(v.num_views >= 1, f"views.num_views = {v.num_views}: at least one view per image is needed")
+    check(len(v.crop_scale) == 2 and 0 < v.crop_scale[0] <= v.crop_scale[1] <= 1,
+          f"views.crop_scale = {v.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+    check(len(v.crop_ratio) == 2 and 0 < v.crop_ratio[0] <= v.crop_ratio[1],
+          f"views.crop_ratio = {v.crop_ratio} must be [lo, hi] with 0 < lo <= hi")
+    check(0.0 <= v.hflip_prob <= 1.0, "views.hflip_prob must be in [0, 1]")
+
+    m = cfg.masks
+    n = cfg.num_patches if d.patch_size > 0 and d.image_size % d.patch_size == 0 else 0
+    check(0 < m.student_visible <= 1, f"masks.student_visible = {m.student_visible} must be in (0, 1]")
+    if n:
+        check(cfg.student_tokens >= 1, f"masks.student_visible = {m.student_visible} keeps no token of {n}")
+    for name, t in cfg.teachers.items():
+        check(m.student_visible < t.visible <= 1,
+              f"teachers.{name}.visible = {t.visible} must be above masks.student_visible = "
+              f"{m.student_visible} and at most 1 (each teacher sees more context than the student)")
+        if n and m.student_visible < t.visible <= 1:
+            check(cfg.teacher_tokens(name) > cfg.student_tokens,
+                  f"teachers.{name}.visible = {t.visible} keeps {cfg.teacher_tokens(name)} of {n} tokens, "
+                  f"not more than the student's {cfg.student_tokens}: raise it or use a finer patch grid")
+        check(len(t.mean) == 3 and len(t.std) == 3 and all(s > 0 for s in t.std),
+              f"teachers.{name}.mean/std must be 3 numbers each, std > 0")
+        check(t.format == "timm" or bool(t.weights), f"teachers.{name}.weights must name a checkpoint file")
+    s = cfg.student
+    check(len(s.mean) == 3 and len(s.std) == 3 and all(x > 0 for x in s.std),
+          "student.mean/std must be 3 numbers each, std > 0")
+
+    st = cfg.store
+    check(st.chunk_samples >= 1, "store.chunk_samples must be >= 1")
+    check(st.shard_samples >= 1 and st.chunk_samples >= 1 and st.shard_samples % st.chunk_samples == 0,
+          f"store.shard_samples = {st.shard_samples} must be a positive multiple of store.chunk_samples = "
+          f"{st.chunk_samples}")
+    check(st.compression_level >= 0, "store.compression_level must be >= 0")
+
+    h = cfg.heads
+    check(h.decoder_depth >= 0 and h.decoder_heads >= 1, "heads.decoder_depth >= 0 and heads.decoder_heads >= 1")
+    check(cfg.gate.temperature > 0, "gate.temperature must be > 0")
+    lo = cfg.loss
+    check(lo.token_temperature > 0 and lo.map_temperature > 0, "loss temperatures must be > 0")
+    check(lo.token_weight >= 0 and lo.map_weight >= 0 and lo.token_weight + lo.map_weight > 0,
+          "loss weights must be >= 0 and not both 0")
+    o = cfg.optim
+    check(o.base_lr > 0 and o.lr_reference_batch >= 1, "optim.base_lr > 0 and optim.lr_reference_batch >= 1")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+    check(o.weight_decay >= 0 and o.warmup_steps >= 0 and o.min_lr >= 0 and o.grad_clip >= 0,
+          "optim.weight_decay, warmup_steps, min_lr, grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+    tr = cfg.train
+    check(tr.batch_size >= 1 and tr.steps >= 1, "train.batch_size and train.steps must be >= 1")
+    check(tr.num_workers >= 0, "train.num_workers must be >= 0")
+    check(tr.shuffle_window >= tr.batch_size >= 1 and tr.shuffle_window % tr.batch_size == 0,
+          f"train.shuffle_window = {tr.shuffle_window} must be a positive multiple of train.batch_size = "
+          f"{tr.batch_size}")
+    check(tr.checkpoint_every >= 1 and tr.keep_checkpoints >= 1 and tr.log_every >= 1,
+          "train.checkpoint_every, keep_checkpoints and log_every must be >= 1")
+    check(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    e = cfg.eval
+    check(all(k >= 1 for k in e.knn_k) and len(e.knn_k) > 0, "eval.knn_k must list positive integers")
+    check(e.knn_temperature > 0, "eval.knn_temperature must be > 0")
+    check(e.batch_size >= 1 and e.probe_batch_size >= 1 and e.probe_epochs >= 0, "eval batch sizes >= 1")
+    if errors:
+        raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving: the resolved config travels with every store and run
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    for t in out["teachers"].values():
+        t.pop("name")
+    return out
+
+
+def dumps_toml(cfg: PipelineConfig) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal config."""
+    d = config_to_dict(cfg)
+    lines = [f"seed = {_toml_value(d.pop('seed'))}", ""]
+    teachers = d.pop("teachers")
+    for section, table in d.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+        if section == "masks":
+            for name, t in teachers.items():
+                lines.append(f"[teachers.{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
