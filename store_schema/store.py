@@ -36,6 +36,9 @@ from .stats import RunningStats
 ROOT_ATTR, UNIT_ATTR, TEACHER_ATTR = "comad", "comad_unit", "comad_teacher"
 VIEW_PARAMS = 5  # top, left, height, width (normalised to the source image), flip
 LOCK_KEY = "extract.lock"
+# What a read returns where a chunk is missing: impossible values, so a lost shard can never pass as data
+# (uint8 pixels have no impossible value; shard presence is checked separately, see missing_shards).
+_MISSING = {"float32": np.nan, "float16": np.nan, "int32": -1, "int64": -1, "int8": 0, "uint8": 0}
 
 
 class StoreError(RuntimeError):
@@ -94,6 +97,7 @@ class FeatureStore:
             raise StoreError(f"{root} is a zarr group but not a CoMAD store (no '{ROOT_ATTR}' attribute)")
         self.meta = meta
         self._arrays: dict[str, zarr.Array] = {}
+        self._checked_units: set[str] = set()  # units whose shard files were found complete
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -223,13 +227,43 @@ class FeatureStore:
     def keys(self, unit: str) -> list[str]:
         return list(self.unit_record(unit).get("keys", []))
 
+    def missing_shards(self, unit: str, teachers: list[str] | None = None) -> list[str]:
+        """Shard files a complete unit should have but does not (one listing per unit)."""
+        info = self.unit_info(unit)
+        n, shard = info.n_samples, int(self.meta["shard_samples"])
+        if n == 0:
+            return []
+        prefix = f"{self.group.path}/units/{unit}/" if self.group.path else f"units/{unit}/"
+        present = set(sync(_collect(self.group.store.list_prefix(prefix))))
+        paths = ["index", "label", "views", "student_idx", "student_pixels"]
+        for t in teachers or self.teachers:
+            paths += [f"teachers/{t}/{a}" for a in ("idx", "patch", "cls")]
+            if self.meta["dtype"] == "int8":
+                paths += [f"teachers/{t}/patch_scale", f"teachers/{t}/cls_scale"]
+        missing = []
+        for path in paths:
+            ndim = self.array(f"units/{unit}/{path}").ndim
+            for i in range((n + shard - 1) // shard):
+                key = prefix + path + "/c/" + "/".join([str(i)] + ["0"] * (ndim - 1))
+                if key not in present:
+                    missing.append(key)
+        return missing
+
     def read_block(self, unit: str, start: int, stop: int, view: int, teachers: list[str] | None = None,
                    pixels: bool = True) -> dict[str, Any]:
         """Samples [start, stop) of one unit at one view: a contiguous, chunk-aligned read.
 
         Returns numpy arrays: student_idx (m,Ks), pixels (m,Ks,3,p,p) uint8, views (m,5), index (m,),
         label (m,), and teachers[name] = {idx (m,Kt), patch (m,Kt,D) float32, cls (m,D) float32}.
+        Raises StoreError when the data is damaged (a missing shard, non-finite features, bad indices):
+        zarr would otherwise hand back fill values as if they were data.
         """
+        if unit not in self._checked_units:
+            missing = self.missing_shards(unit, teachers)
+            if missing:
+                raise StoreError(f"{self.root}: unit {unit} is damaged: {len(missing)} shard file(s) missing, e.g. "
+                                 f"{missing[0]}. Run `comad-store validate {self.root}`; re-extract that unit.")
+            self._checked_units.add(unit)
         u = f"units/{unit}"
         out: dict[str, Any] = {
             "student_idx": self.array(f"{u}/student_idx")[start:stop, view].astype(np.int64),
@@ -241,15 +275,23 @@ class FeatureStore:
         if pixels:
             out["pixels"] = self.array(f"{u}/student_pixels")[start:stop, view]
         int8 = self.meta["dtype"] == "int8"
+        n_patches = int(self.meta["num_patches"])
+        where = f"{self.root}: unit {unit} rows {start}-{stop} view {view}"
+        _check_indices(out["student_idx"], n_patches, f"{where} student_idx")
         for t in teachers or self.teachers:
             tp = f"{u}/teachers/{t}"
             ps = self.array(f"{tp}/patch_scale")[start:stop, view] if int8 else None
             cs = self.array(f"{tp}/cls_scale")[start:stop, view] if int8 else None
-            out["teachers"][t] = {
+            got = {
                 "idx": self.array(f"{tp}/idx")[start:stop, view].astype(np.int64),
                 "patch": decode_features(self.array(f"{tp}/patch")[start:stop, view], ps),
                 "cls": decode_features(self.array(f"{tp}/cls")[start:stop, view], cs),
             }
+            _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
+            if not (np.isfinite(got["patch"]).all() and np.isfinite(got["cls"]).all()):
+                raise StoreError(f"{where}: teacher {t!r} features are not finite (a lost or corrupt chunk). "
+                                 f"Run `comad-store validate {self.root}`; re-extract that unit.")
+            out["teachers"][t] = got
         return out
 
     def unit_stats(self, unit: str, teacher: str) -> RunningStats:
@@ -358,7 +400,7 @@ class UnitWriter:
         shards = (self.shard, self.V, *row_shape) if per_view else (self.shard,)
         self._arrays[path] = self.group.create_array(
             path, shape=lead + row_shape, chunks=chunks, shards=shards, dtype=dtype,
-            compressors=self.compressors, fill_value=0)
+            compressors=self.compressors, fill_value=_MISSING[dtype])
 
     def _create_arrays(self) -> None:
         m = self.store.meta
@@ -474,6 +516,17 @@ def _split(rows: UnitRows, n: int) -> tuple[UnitRows, UnitRows]:
             student_idx=cut(rows.student_idx, sl), student_pixels=cut(rows.student_pixels, sl),
             teachers={t: TeacherRows(tr.idx[sl], tr.patch[sl], tr.cls[sl]) for t, tr in rows.teachers.items()}))
     return halves[0], halves[1]
+
+
+def _check_indices(idx: np.ndarray, n: int, where: str) -> None:
+    """Visible-token indices must be strictly increasing within [0, n): anything else is damage."""
+    if idx.size and (idx.min() < 0 or idx.max() >= n or (idx.shape[-1] > 1 and (np.diff(idx, axis=-1) <= 0).any())):
+        raise StoreError(f"{where}: token indices out of range or not strictly increasing (damaged store); "
+                         "run `comad-store validate` and re-extract that unit")
+
+
+async def _collect(agen) -> list[str]:
+    return [k async for k in agen]
 
 
 def _digest(units: list[str]) -> str:

@@ -225,3 +225,21 @@ def test_non_finite_features_are_refused(tiny_cfg):
     rows.teachers["mae"].patch[1, 0, 0, 0] = np.nan
     with pytest.raises(StoreError, match="non-finite"):
         UnitWriter(store, "x.tar").append(rows)
+
+
+def test_damaged_units_are_refused_on_read_not_returned_as_fill_values(tiny_cfg):
+    store = _create(tiny_cfg)
+    write_unit(store, tiny_cfg, "a.tar", n=12)
+    name = unit_name("a.tar")
+    root = Path(tiny_cfg.store.root) / "units" / name
+    store.read_block(name, 0, 4, 0)  # healthy
+    shard = root / "teachers" / "mocov3" / "patch" / "c" / "1" / "0" / "0" / "0"
+    assert shard.is_file()
+    shard.unlink()
+    fresh = FeatureStore.open(tiny_cfg.store.root)
+    assert any("teachers/mocov3/patch/c/1" in k for k in fresh.missing_shards(name))
+    with pytest.raises(StoreError, match="shard file"):
+        fresh.read_block(name, 8, 12, 0)
+    fresh._checked_units.add(name)  # even past the listing check, fill values are not finite
+    with pytest.raises(StoreError, match="not finite"):
+        fresh.read_block(name, 8, 12, 0)
