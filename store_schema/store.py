@@ -29,6 +29,7 @@ from zarr.storage import LocalStore
 
 from .codec import compressors_for, decode_features, encode_features
 from .config import PipelineConfig, config_to_dict, dumps_toml
+from .faults import fault_point
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
 from .stats import RunningStats
@@ -328,6 +329,7 @@ class FeatureStore:
                 g.create_array(name, data=value, chunks=value.shape, compressors=None, overwrite=True)
             g.attrs.put({TEACHER_ATTR: {"count": s.count, "units_digest": _digest(units), "n_units": len(units)}})
             counts[t] = s.count
+            fault_point("stats_merge")
         return counts
 
     # ------------------------------------------------------------------ writing
@@ -485,10 +487,12 @@ class UnitWriter:
             data[f"teachers/{t}/idx"], data[f"teachers/{t}/patch"], data[f"teachers/{t}/cls"] = tr.idx, patch, cls
             if pscale is not None:
                 data[f"teachers/{t}/patch_scale"], data[f"teachers/{t}/cls_scale"] = pscale, cscale
-        for path, value in data.items():
+        for i, (path, value) in enumerate(data.items()):
             arr = self._arrays[path]
             arr.resize((b, *arr.shape[1:]))
             arr[a:b] = value  # one whole shard (or the unit's last, partial one) per call
+            if i == 0:
+                fault_point("shard_write")
         self.written = b
 
 
