@@ -325,6 +325,7 @@ class FeatureStore:
         for t in self.teachers:
             s = self._merge_stats(t, units)
             g = self.group.require_group(f"stats/{t}")
+            g.attrs.put({TEACHER_ATTR: {"status": "writing"}})  # stale arrays are never paired with a valid record
             for name, value in (("mean", s.mean), ("m2", s.m2), ("cov", s.cov)):
                 g.create_array(name, data=value, chunks=value.shape, compressors=None, overwrite=True)
             g.attrs.put({TEACHER_ATTR: {"count": s.count, "units_digest": _digest(units), "n_units": len(units)}})
