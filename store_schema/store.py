@@ -403,7 +403,8 @@ class UnitWriter:
         shards = (self.shard, self.V, *row_shape) if per_view else (self.shard,)
         self._arrays[path] = self.group.create_array(
             path, shape=lead + row_shape, chunks=chunks, shards=shards, dtype=dtype,
-            compressors=self.compressors, fill_value=_MISSING[dtype])
+            compressors=self.compressors, fill_value=_MISSING[dtype],
+            config={"write_empty_chunks": True})  # an all-fill shard (unlabelled: all -1) must exist too
 
     def _create_arrays(self) -> None:
         m = self.store.meta
