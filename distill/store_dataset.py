@@ -1,0 +1,204 @@
+"""Stage-2 data: the feature store read as shuffled training batches, split over processes and workers.
+
+zarr-python 3.1 reads single samples slowly (an index fetch and a chunk decode each), so every read
+here is one whole chunk: a *block* of `chunk_samples` consecutive samples of one unit at one view.
+Shuffling happens at two levels: the block order (per epoch) and the samples of a window of
+`train.shuffle_window` consecutive samples of that order (in memory).
+
+Epoch e, the same on every process and worker:
+  - block order  = permutation seeded by (seed, e); each block gets one view drawn from (seed, e, block);
+  - sample order = the blocks' usable rows concatenated in that order: S samples;
+  - T = floor(S / (world_size * B)) rounded down to a multiple of W = max(1, train.num_workers) batches
+    per process; every process gets the same T, so uneven units can never leave one rank waiting in
+    a DDP collective. The dropped tail (< world_size*B*W samples) differs from epoch to epoch;
+  - rank r owns samples [r*T*B, (r+1)*T*B); its *logical* worker j owns the j-th contiguous T/W batches.
+
+A DataLoader (batch_size=None) takes batches round-robin from its workers, so rank batch i comes from
+logical worker i % W. Resuming at global step s (epoch s // T, batch b = s % T), physical worker w
+plays logical worker (w + b) % W and skips the batches that worker had produced before b: the first
+batch after the resume is exactly batch b, and every later one equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from store_schema.config import PipelineConfig
+from store_schema.fingerprint import TRAINING_FIELDS, StoreMismatchError, fingerprint_from_config
+from store_schema.store import FeatureStore, StoreError
+
+# Independent random streams under one seed: the tag keeps (seed, e) of one from meeting another's.
+_ORDER, _VIEW, _WINDOW = 0, 1, 2
+# Blocks of a window read concurrently: one zarr read is a chain of small requests (shard index, then
+# chunk, per array), latency-bound on object stores and ~6x faster threaded even on a local disk.
+_READ_THREADS = 16
+
+
+def check_store_matches(cfg: PipelineConfig, storage_options: dict | None = None) -> FeatureStore:
+    """Open cfg.store.root for training; refuse a store written for another configuration or with no data.
+
+    Only the fields training depends on are compared (TRAINING_FIELDS: sizes, mask fractions,
+    views, teachers, schema version); every differing field is named.
+    """
+    try:
+        store = FeatureStore.open(cfg.store.root, expect=fingerprint_from_config(cfg), fields=TRAINING_FIELDS,
+                                  storage_options=storage_options)
+    except StoreMismatchError as e:
+        raise StoreMismatchError(
+            f"{e}\nTrain with the configuration the store was written with (saved in the store's root "
+            "attributes as comad.config_toml), or extract a new store with this one.") from e
+    if not store.units():
+        started = len(store.units(complete_only=False))
+        raise StoreError(f"{cfg.store.root} holds no complete unit ({started} started, none finished): run "
+                         "comad-extract to completion first (it resumes where it stopped)")
+    return store
+
+
+class StoreBatches(torch.utils.data.IterableDataset):
+    """Endless training batches of one process (rank): epoch after epoch, from `start_step` on.
+
+    Each item: {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks),
+    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float32 (B,Kt,D)},
+    "teacher_cls": {t: float32 (B,D)}}, teachers in store order, CPU tensors.
+    Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
+    """
+
+    def __init__(self, cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0,
+                 storage_options: dict | None = None):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
+        if start_step < 0:
+            raise ValueError(f"start_step = {start_step} must be >= 0")
+        if cfg.seed < 0:
+            raise ValueError(f"seed = {cfg.seed}: the data order needs a seed >= 0")
+        store = check_store_matches(cfg, storage_options)  # the main process only; workers reopen
+        self.root, self.storage_options = cfg.store.root, storage_options
+        self.seed, self.rank, self.world_size, self.start_step = cfg.seed, rank, world_size, start_step
+        self.batch_size, self.window = cfg.train.batch_size, cfg.train.shuffle_window
+        self.num_workers = max(1, cfg.train.num_workers)  # W logical workers
+        self.num_views = store.num_views
+        chunk = int(store.meta["chunk_samples"])  # the store's own chunking, not this config's
+
+        # Blocks are fixed here, from the units complete now: workers must not list units again, or
+        # a store still being extended would give them different epochs.
+        self.blocks: list[tuple[str, int, int]] = []  # (unit, start, stop)
+        sizes: list[int] = []  # usable rows per block
+        self.kept_rows: dict[int, np.ndarray] = {}  # block -> usable row offsets, only where rows are excluded
+        units = store.units()
+        for u in units:
+            excluded = np.asarray(u.excluded_rows, dtype=np.int64)
+            for start in range(0, u.n_samples, chunk):
+                stop = min(start + chunk, u.n_samples)
+                rows = np.arange(stop - start)
+                if excluded.size:
+                    rows = rows[~np.isin(rows + start, excluded)]
+                    if rows.size == 0:
+                        continue
+                    if rows.size < stop - start:
+                        self.kept_rows[len(self.blocks)] = rows
+                self.blocks.append((u.name, start, stop))
+                sizes.append(int(rows.size))
+        self.block_sizes = np.asarray(sizes, dtype=np.int64)
+        self.num_samples = int(self.block_sizes.sum())
+
+        per_step = world_size * self.batch_size
+        per_rank = self.num_samples // per_step
+        if per_rank == 0:
+            raise StoreError(
+                f"{self.root} holds {self.num_samples} usable samples in {len(units)} complete units, fewer "
+                f"than one step needs (world_size {world_size} x train.batch_size {self.batch_size} = {per_step}): "
+                "extract more data, or lower train.batch_size or the number of processes")
+        if per_rank < self.num_workers:
+            raise StoreError(
+                f"{self.root} holds {self.num_samples} usable samples: {per_rank} batches per process per epoch, "
+                f"fewer than train.num_workers = {self.num_workers} (each worker needs a whole share): "
+                f"set train.num_workers <= {per_rank}")
+        self.steps_per_epoch = per_rank // self.num_workers * self.num_workers  # T
+        self.worker_batches = self.steps_per_epoch // self.num_workers  # T / W
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        physical, running = (0, 0) if info is None else (info.id, info.num_workers)
+        W = self.num_workers
+        if max(1, running) != W:
+            raise RuntimeError(f"StoreBatches was built for train.num_workers = {W} (it decides the data split) "
+                               f"but runs with {running} DataLoader workers; use make_loader(dataset, {W})")
+        epoch, b = divmod(self.start_step, self.steps_per_epoch)
+        logical = (physical + b) % W
+        skip = (b - logical + W - 1) // W  # batches i < b with i % W == logical: already trained on
+        store = FeatureStore.open(self.root, storage_options=self.storage_options)  # in this process
+        with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="store-read") as pool:
+            while True:
+                yield from self._worker_epoch(store, pool, epoch, logical, skip)
+                epoch, skip = epoch + 1, 0
+
+    def _worker_epoch(self, store: FeatureStore, pool: ThreadPoolExecutor, epoch: int, logical: int,
+                      skip: int) -> Iterator[dict[str, Any]]:
+        """Logical worker `logical`'s batches of one epoch, after its first `skip`."""
+        if skip >= self.worker_batches:
+            return
+        n_blocks, B = len(self.blocks), self.batch_size
+        order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(n_blocks)
+        # Views of an image are i.i.d. draws, so one view per block is distributed like one view per
+        # image, while each read touches 1/V of the bytes (a chunk holds one view of its samples).
+        views = np.random.default_rng([self.seed, _VIEW, epoch]).integers(0, self.num_views, size=n_blocks)
+        starts = np.concatenate([[0], np.cumsum(self.block_sizes[order])])  # epoch position of order[k]
+        lo = (self.rank * self.steps_per_epoch + logical * self.worker_batches) * B
+        hi = lo + self.worker_batches * B
+        per_window = self.window // B  # shuffle_window is a multiple of B (config validation)
+        drop = skip % per_window
+        for a in range(lo + skip // per_window * self.window, hi, self.window):
+            c = min(a + self.window, hi)
+            samples = self._read_window(store, pool, order, views, starts, a, c)
+            perm = np.random.default_rng([self.seed, _WINDOW, epoch, self.rank, a]).permutation(c - a)
+            for s in range(drop * B, c - a, B):
+                yield _tree(lambda x: torch.from_numpy(x[perm[s:s + B]]), samples)
+            drop = 0
+
+    def _read_window(self, store: FeatureStore, pool: ThreadPoolExecutor, order: np.ndarray, views: np.ndarray,
+                     starts: np.ndarray, a: int, c: int) -> dict[str, Any]:
+        """Epoch positions [a, c) as batch-shaped numpy arrays (c - a samples), in epoch order."""
+        first = int(np.searchsorted(starts, a, side="right")) - 1
+        last = int(np.searchsorted(starts, c - 1, side="right")) - 1
+
+        def read(k: int) -> dict[str, Any]:
+            block = int(order[k])
+            unit, start, stop = self.blocks[block]
+            # The whole block even when the window needs part of it: one chunk is the cheapest read.
+            data = store.read_block(unit, start, stop, int(views[block]))
+            take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
+            rows = self.kept_rows.get(block, np.arange(stop - start))[take]
+            teachers = data["teachers"]
+            return {
+                "pixels": data["pixels"][rows],
+                "student_idx": data["student_idx"][rows],
+                "teacher_idx": {t: v["idx"][rows] for t, v in teachers.items()},
+                "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
+                "teacher_cls": {t: v["cls"][rows] for t, v in teachers.items()},
+            }
+
+        return _tree(lambda *xs: np.concatenate(xs), *pool.map(read, range(first, last + 1)))
+
+
+def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
+    """fn applied leaf-wise over nested dicts of the same keys."""
+    if isinstance(trees[0], dict):
+        return {k: _tree(fn, *(t[k] for t in trees)) for k in trees[0]}
+    return fn(*trees)
+
+
+def make_loader(dataset: StoreBatches, num_workers: int) -> torch.utils.data.DataLoader:
+    """The DataLoader for `dataset`: whole batches from the dataset, workers taken round-robin.
+
+    num_workers must be the train.num_workers the dataset was built with (0 and 1 both mean one
+    logical worker): the split of an epoch over workers, and so resuming, depends on it.
+    """
+    if max(1, num_workers) != dataset.num_workers:
+        raise ValueError(f"num_workers = {num_workers}, but the dataset was built for train.num_workers = "
+                         f"{dataset.num_workers}; pass that, or rebuild the dataset")
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
