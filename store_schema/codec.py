@@ -8,14 +8,19 @@ FEATURE_DTYPES = ("float32", "float16", "int8")
 COMPRESSIONS = ("zstd", "blosc", "none")
 
 
-def compressors_for(compression: str, level: int) -> tuple | None:
-    """zarr v3 compressor chain for a config name; blosc gets byte shuffle (it helps float features)."""
+def compressors_for(compression: str, level: int) -> tuple:
+    """zarr v3 bytes-to-bytes chain for a config name, always ending in a CRC32C checksum.
+
+    Without the checksum a flipped bit inside a compressed chunk decodes silently to wrong values
+    (zstd frames carry no checksum in zarr); with it, a damaged chunk is a read error. blosc gets byte
+    shuffle, which helps float features.
+    """
     if compression == "zstd":
-        return (zc.ZstdCodec(level=level),)
+        return (zc.ZstdCodec(level=level), zc.Crc32cCodec())
     if compression == "blosc":
-        return (zc.BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle"),)
+        return (zc.BloscCodec(cname="zstd", clevel=min(level, 9), shuffle="shuffle"), zc.Crc32cCodec())
     if compression == "none":
-        return None
+        return (zc.Crc32cCodec(),)
     raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
 
 

@@ -8,6 +8,7 @@ work starts. `--set section.key=value` overrides are applied before validation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -241,6 +242,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineCon
     for name, table in teachers_raw.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: teachers.{name} must be a table")
+        if "name" in table:
+            raise ConfigError(f"{source}: teachers.{name}.name is not a key: a teacher's name is its table name "
+                              f"[teachers.{name}]; rename the table instead")
         teachers[name] = _build(TeacherConfig, {"name": name, **table}, f"teachers.{name}", source)
     top = {k: v for k, v in raw.items()}
     top["teachers"] = teachers
@@ -443,7 +447,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -1,0 +1,124 @@
+"""comad-store: look at a feature store (`inspect`) or check it against the layout (`validate`).
+
+Exit codes: 0 fine, 1 validate found problems, 2 the store cannot be opened (or is not a CoMAD store).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .fingerprint import StoreMismatchError
+from .store import StoreError
+from .validate import inspect_store, validate_store
+
+
+def parse_storage_options(items: list[str]) -> dict[str, Any] | None:
+    """`key=value` pairs; values are read as JSON when they parse (numbers, true, {...}), else as strings;
+    dotted keys nest: client_kwargs.region_name=us-east-1 → {"client_kwargs": {"region_name": ...}}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"comad-store: --storage-option {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        *parents, last = key.strip().split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out or None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    u = info["units"]
+    lines = [
+        f"store       {info['root']}  (schema {info['schema_version']}, created {info['created']})",
+        f"samples     {info['samples']} usable ({info['rows']} rows, {info['rows'] - info['samples']} excluded) "
+        f"in {u['complete']} complete units; {u['incomplete']} incomplete",
+        f"views       {info['views']} per sample; image {info['image_size']}, patch {info['patch_size']} -> "
+        f"{info['num_patches']} tokens, student sees {info['student_tokens']}",
+        f"dtype       {info['dtype']}, compression {info['compression']} level {info['compression_level']}, "
+        f"chunk {info['chunk_samples']} / shard {info['shard_samples']} samples",
+        f"size        {_size(info['stored_bytes'])} stored of {_size(info['decoded_bytes'])} decoded "
+        f"(stored fraction {info['stored_fraction']:.3f}); {_size(info['bytes_per_view'])} per (sample, view)",
+        "",
+        f"  {'part':<12}{'dim':>6}{'tokens':>8}{'per view':>12}  stats",
+        f"  {'student':<12}{'':>6}{info['student_tokens']:>8}{_size(info['bytes_per_view_by_part']['student']):>12}",
+    ]
+    for t, tm in info["teachers"].items():
+        per_view = _size(info["bytes_per_view_by_part"][t])
+        lines.append(f"  {t:<12}{tm['dim']:>6}{tm['tokens']:>8}{per_view:>12}  {info['stats_finalised'][t]}")
+    for x in u["incomplete_units"]:
+        lines.append(f"incomplete  {x['unit']}  {x['source']}")
+    lines.append(f"skipped     {len(info['skipped'])} inputs")
+    for s in info["skipped"]:
+        lines.append(f"  {s['source']} #{s.get('index')} {s.get('key')}: {s.get('reason')}")
+    if info["lock"]:
+        lk = info["lock"]
+        lines.append(f"lock        held by run {lk.get('run_id')} on {lk.get('host')} (pid {lk.get('pid')}, "
+                     f"started {lk.get('started')})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="comad-store", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, what in (("inspect", "samples, views, teachers, sizes, skipped inputs"),
+                       ("validate", "check every array of every complete unit; exit 1 on problems")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("root", help="store root: a local path or an fsspec URL (s3://bucket/prefix)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec option, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    args = ap.parse_args(argv)
+    options = parse_storage_options(args.storage_option)
+    try:
+        if args.command == "inspect":
+            info = inspect_store(args.root, options)
+            print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
+            return 0
+        checked: dict[str, int] = {}
+        problems = validate_store(args.root, options, checked)
+    except (StoreError, StoreMismatchError, OSError) as e:
+        _fail(args, str(e))
+        return 2
+    except Exception as e:  # a store so damaged that even its metadata fails: a message, not a traceback
+        _fail(args, f"cannot read {args.root}: {type(e).__name__}: {e}")
+        return 2
+    if args.json:
+        print(json.dumps({"root": args.root, "ok": not problems, "checked": checked,
+                          "problems": [{"where": p.where, "what": p.what, "count": p.count} for p in problems]},
+                         indent=2))
+    elif problems:
+        print(f"{args.root}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  - {p}")
+    else:
+        print(f"{args.root}: ok ({checked['units']} complete units, {checked['rows']} rows, "
+              f"{checked['arrays']} arrays, {_size(checked['bytes'])} read and checked)")
+    return 1 if problems else 0
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    if args.json:
+        print(json.dumps({"root": args.root, "ok": False, "error": message}, indent=2))
+    else:
+        print(f"comad-store: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
