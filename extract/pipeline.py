@@ -1,0 +1,607 @@
+"""Stage 1: run the teachers once over a WebDataset and write the feature store.
+
+The unit of work is one input tar: rank r of W processes takes tars r, r+W, ... whole, so no two
+processes ever write into one unit (DESIGN §4). Three things overlap: DataLoader workers decode tars
+and prepare views, masks and student pixels; the main thread runs the teachers; a background thread
+writes the units (zarr compression and I/O).
+
+Decisions a user meets:
+- A complete unit is skipped on a rerun (resume); an incomplete one is redone from scratch.
+- A sample that cannot be used (undecodable, no image, duplicate key, decompression bomb, non-finite
+  teacher output, ...) is skipped and recorded in its unit with the reason (`store.skipped()`).
+  A damaged tar keeps the samples read before the damage; an empty tar is a complete unit with one
+  record "empty tar". Records about the whole rest of a tar have key None and the index of the first
+  sample they cover.
+- A tar that cannot be opened or read (missing file, I/O error) is recorded as a unit with status
+  "failed" and its reason, NOT marked complete: the run finishes the other tars, then stops with an
+  error naming it. A rerun retries it (a missing file may reappear) and keeps every complete unit.
+- data.max_failure_fraction bounds skipped / (stored + skipped) samples, counted over this process's
+  units including those completed by earlier runs (so a rerun stops again at the same place); checked
+  after every unit and, over all processes, at the end.
+- A key stored by more than one unit: the unit first in input order keeps it; later rows are excluded
+  (store.exclude_rows, reason names the other unit). Their features stay in the statistics.
+- data.batch_size counts images per teacher forward: a batch holds max(1, batch_size // num_views)
+  samples of one tar, all views each.
+- The run summary is appended to the attributes of the store group `extract_runs` (key "runs").
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+from zarr.core.sync import sync
+
+from extract.masks import draw_masks
+from extract.shards import ShardReadError, Skipped, expand_urls, iter_tar
+from extract.teachers import load_teacher
+from extract.views import apply_view, draw_view
+from extract.vit_forward import forward_visible, patchify
+from store_schema.config import ConfigError, PipelineConfig
+from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
+from store_schema.store import (UNIT_ATTR, FeatureStore, TeacherMeta, TeacherRows, UnitRows,
+                                UnitWriter, acquire_writer_lock, release_writer_lock, unit_name)
+
+log = logging.getLogger("comad.extract")
+SUMMARY_GROUP = "extract_runs"
+WRITE_QUEUE_BATCHES = 8  # batches of rows waiting for the writer thread before the teachers wait
+# A process that finished its tars waits at the closing collective for the slowest one (a resumed run can
+# leave one process hours of work and another none); the 30-minute default would kill the run.
+COLLECTIVE_TIMEOUT = timedelta(days=7)
+
+
+class ExtractionError(RuntimeError):
+    """The run could not finish as asked (unreadable tars, too many skipped inputs, a failed process)."""
+
+
+# ---------------------------------------------------------------------------------------------- one view
+
+@dataclass
+class PreparedView:
+    params: np.ndarray  # (5,) float32 [top, left, height, width, flip]
+    image: torch.Tensor  # (3, S, S) uint8
+    student_idx: np.ndarray  # (Ks,) int64 sorted
+    teacher_idx: dict[str, np.ndarray]  # name -> (Kt,) int64 sorted
+    student_pixels: torch.Tensor  # (Ks, 3, p, p) uint8
+
+
+def prepare_view(cfg: PipelineConfig, image: Image.Image, key: str, view: int) -> PreparedView:
+    """View `view` of sample `key`: crop/flip, masks and the student's visible pixels (seeded, replayable)."""
+    params = draw_view(cfg, key, view, image.width, image.height)
+    img = apply_view(image, params, cfg.data.image_size, cfg.views.interpolation)
+    masks = draw_masks(cfg, key, view)
+    pixels = patchify(img[None], cfg.data.patch_size)[0][torch.from_numpy(masks.student)]
+    return PreparedView(params.to_array(), img, masks.student, masks.teachers, pixels.contiguous())
+
+
+def teacher_forward(model: torch.nn.Module, images: torch.Tensor, idx: torch.Tensor, mean: list[float],
+                    std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B,3,H,W), visible indices (B,K) -> float32 cls (B,D), patch (B,K,D) on the model's device."""
+    dev = next(model.parameters()).device
+    x = images.to(dev, non_blocking=True).float().div_(255.0)
+    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    # no_grad, not inference_mode: online targets meet autograd tensors in the trainer's loss. Autocast off:
+    # targets are computed in float32 as extraction stores them, whatever the trainer's mixed precision.
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        cls, patch = forward_visible(model, x, idx.to(dev))
+    return cls.float(), patch.float()
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+@dataclass
+class Chunk:
+    """Up to n prepared samples of one tar (all V views each) plus the tar's skip records since the last chunk."""
+    url: str
+    keys: list[str]
+    index: np.ndarray | None = None  # (m,) int64 ordinal in the tar
+    label: np.ndarray | None = None  # (m,) int64, -1 = no label
+    views: np.ndarray | None = None  # (m, V, 5) float32
+    images: torch.Tensor | None = None  # (m, V, 3, S, S) uint8
+    student_idx: np.ndarray | None = None  # (m, V, Ks) int64
+    student_pixels: torch.Tensor | None = None  # (m, V, Ks, 3, p, p) uint8
+    teacher_idx: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (m, V, Kt) int64
+    skips: list[tuple[int, str | None, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    last: bool = False  # the tar ends here
+    error: str | None = None  # the tar could not be read: discard the unit
+
+
+def _chunk(url: str, done: list, skips: list, notes: list, last: bool) -> Chunk:
+    if not done:
+        return Chunk(url, [], skips=skips, notes=notes, last=last)
+    views = [v for _, v in done]
+    return Chunk(
+        url, [k for (_, k, _), _ in done],
+        index=np.array([i for (i, _, _), _ in done], np.int64),
+        label=np.array([-1 if lab is None else lab for (_, _, lab), _ in done], np.int64),
+        views=np.stack([np.stack([v.params for v in vs]) for vs in views]),
+        images=torch.stack([torch.stack([v.image for v in vs]) for vs in views]),
+        student_idx=np.stack([np.stack([v.student_idx for v in vs]) for vs in views]),
+        student_pixels=torch.stack([torch.stack([v.student_pixels for v in vs]) for vs in views]),
+        teacher_idx={t: np.stack([np.stack([v.teacher_idx[t] for v in vs]) for vs in views])
+                     for t in views[0][0].teacher_idx},
+        skips=skips, notes=notes, last=last)
+
+
+def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterator[Chunk]:
+    """Every sample of one tar, prepared, in order; the last chunk has last=True (or error set)."""
+    done: list = []
+    skips: list[tuple[int, str | None, str]] = []
+    notes: list[str] = []
+    seen = 0
+    try:
+        for item in iter_tar(url, cfg.data.max_image_pixels):
+            seen += 1
+            if isinstance(item, Skipped):
+                skips.append((item.index, item.key, item.reason))
+                continue
+            if item.note:
+                notes.append(f"{url}[{item.index}] {item.key}: {item.note}")
+            try:
+                views = [prepare_view(cfg, item.image, item.key, v) for v in range(cfg.views.num_views)]
+            except ValueError as e:  # e.g. a view box that rounds to nothing
+                skips.append((item.index, item.key, f"cannot make views: {e}"))
+                continue
+            done.append(((item.index, item.key, item.label), views))
+            if len(done) == samples_per_chunk:
+                yield _chunk(url, done, skips, notes, last=False)
+                done, skips, notes = [], [], []
+    except ShardReadError as e:
+        yield Chunk(url, [], last=True, error=str(e))
+        return
+    if seen == 0:
+        skips.append((0, None, "empty tar: no samples"))
+    yield _chunk(url, done, skips, notes, last=True)
+
+
+class PreparedTars(IterableDataset):
+    """Chunks of the given tars; DataLoader workers split the tars between them (whole tars each)."""
+
+    def __init__(self, cfg: PipelineConfig, urls: list[str], samples_per_chunk: int):
+        self.cfg, self.urls, self.samples_per_chunk = cfg, list(urls), samples_per_chunk
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id::info.num_workers]
+        for url in urls:
+            yield from tar_chunks(self.cfg, url, self.samples_per_chunk)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode with PIL; torch threads would only fight the teachers for cores
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+class BackgroundWriter:
+    """Writes units in a thread. Messages: (op, url, *args), op in open/rows/skip/commit/fail.
+
+    A failure in the thread is raised by the next `put` or by `close`, so the run stops on it.
+    """
+
+    def __init__(self, store: FeatureStore, maxsize: int = WRITE_QUEUE_BATCHES):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self.committed: list[dict[str, Any]] = []  # {url, unit, n_samples, bytes}
+        self.writers: dict[str, UnitWriter] = {}
+        self.thread = threading.Thread(target=self._run, name="comad-store-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, msg: tuple | None) -> None:
+        """Queue a message (None: stop); raises the thread's failure instead once there is one."""
+        while True:
+            if msg is not None:
+                self.raise_failure()
+            try:
+                return self.queue.put(msg, timeout=0.2)  # the thread drains even after a failure: no deadlock
+            except queue.Full:
+                continue
+
+    def close(self, check: bool = True) -> None:
+        """Write everything queued and stop the thread; with `check`, raise its failure if any."""
+        self.put(None)
+        self.thread.join()
+        if check:
+            self.raise_failure()
+
+    def raise_failure(self) -> None:
+        if self.error is not None:
+            raise ExtractionError(f"the store writer failed: {type(self.error).__name__}: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while True:
+            msg = self.queue.get()
+            if msg is None:
+                return
+            if self.error is not None:
+                continue  # drain so that the producer never blocks; nothing more is written
+            try:
+                self._handle(*msg)
+            except BaseException as e:  # noqa: BLE001 — re-raised in the main thread
+                self.error = e
+
+    def _handle(self, op: str, url: str, *args: Any) -> None:
+        if op == "open":
+            self.writers[url] = UnitWriter(self.store, url)
+        elif op == "rows":
+            self.writers[url].append(args[0])
+        elif op == "skip":
+            self.writers[url].skip(*args)
+        elif op == "commit":
+            info = self.writers.pop(url).commit()
+            self.committed.append({"url": url, "unit": info.name, "n_samples": info.n_samples,
+                                   "bytes": _stored_bytes(self.store, f"units/{info.name}")})
+        elif op == "fail":
+            self.writers.pop(url, None)
+            record_failed_unit(self.store, url, args[0])
+        else:
+            raise ValueError(f"unknown writer message {op!r}")
+
+
+def record_failed_unit(store: FeatureStore, url: str, reason: str) -> None:
+    """A unit that is not complete (redone on the next run) but says why, for `comad-store inspect`."""
+    w = UnitWriter(store, url)  # replaces whatever an earlier attempt left
+    w.group.attrs.put({UNIT_ATTR: {"source": url, "status": "failed", "n_samples": 0, "keys": [],
+                                   "skipped": [{"index": 0, "key": None, "reason": reason}]}})
+
+
+def _stored_bytes(store: FeatureStore, path: str) -> int:
+    prefix = f"{store.group.path}/{path}" if store.group.path else path
+    return int(sync(store.group.store.getsize_prefix(prefix)))
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+_GROUP = None  # the gloo process group used for the few small collectives of a run
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world, we_initialised) from the torchrun / accelerate environment; gloo for our collectives."""
+    global _GROUP
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+        _GROUP = None
+    else:  # e.g. accelerate's NCCL group, with its timeout: ours carries Python objects on CPU
+        _GROUP = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), own
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=_GROUP)
+    return out
+
+
+def _agree(fn: Callable[[], Any], world: int) -> Any:
+    """Run fn on every rank; if it fails anywhere, every rank raises (no process is left waiting)."""
+    try:
+        out, err = fn(), None
+    except Exception as e:  # noqa: BLE001 — re-raised below, after the other ranks know
+        out, err = None, e
+    msgs = _gather(None if err is None else f"{type(err).__name__}: {err}", world)
+    if err is not None:
+        raise err
+    failed = [f"process {r}: {m}" for r, m in enumerate(msgs) if m]
+    if failed:
+        raise ExtractionError("another process failed:\n  " + "\n  ".join(failed))
+    return out
+
+
+def load_teachers(cfg: PipelineConfig,
+                  device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, TeacherMeta]]:
+    """Every teacher of cfg, frozen, on `device`, with its store metadata; unusable weights are a ConfigError."""
+    models, metas = {}, {}
+    for name, tc in cfg.teachers.items():
+        try:
+            model, sha = load_teacher(tc, cfg.data.image_size, cfg.data.patch_size)
+        except (ValueError, OSError, RuntimeError) as e:  # missing file, wrong format, no network for a timm tag
+            raise ConfigError(f"teachers.{name}: cannot load its weights: {e}") from e
+        models[name] = model.to(device)
+        metas[name] = TeacherMeta(int(model.embed_dim), cfg.teacher_tokens(name), sha)
+    return models, metas
+
+
+def _open_as_follower(cfg: PipelineConfig, metas: dict[str, TeacherMeta], storage_options: dict | None) -> FeatureStore:
+    store = FeatureStore.open(cfg.store.root, mode="r+", storage_options=storage_options)
+    expected = fingerprint_from_config(cfg, {k: m.weights_sha256 for k, m in metas.items()})
+    diffs = diff_fingerprints(store.fingerprint, expected)
+    if diffs:
+        raise StoreMismatchError(f"{cfg.store.root}: this process's configuration or teacher weights differ "
+                                 "from the store rank 0 opened:\n  - " + "\n  - ".join(diffs))
+    return store
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None) -> dict[str, Any]:
+    """Extract every input tar of cfg.data.urls into the store at cfg.store.root; returns the run summary.
+
+    Works as one process or under torchrun / `accelerate launch` (WORLD_SIZE > 1; gloo collectives).
+    Raises ExtractionError when tars could not be read or too many samples were skipped (the complete
+    units are kept: rerun to resume), StoreError / StoreMismatchError for store problems.
+    """
+    rank, world, own_group = _init_distributed()
+    try:
+        return _run(cfg, storage_options, rank, world)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: int) -> dict[str, Any]:
+    started = time.time()
+    try:
+        urls = expand_urls(cfg.data.urls)
+    except (ValueError, ShardReadError) as e:
+        raise ConfigError(f"data.urls: {e}") from e
+    mine = urls[rank::world]
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    models, metas = _agree(lambda: load_teachers(cfg, device), world)
+    run_id = _gather(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", world)[0]
+    # Rank 0 creates the root metadata and takes the lock before any other process opens the store.
+    store = _agree(lambda: _create_and_lock(cfg, metas, storage_options, run_id) if rank == 0 else None, world)
+    try:
+        if rank != 0:
+            store = _agree(lambda: _open_as_follower(cfg, metas, storage_options), world)
+        else:
+            _agree(lambda: None, world)
+        try:
+            local, err = _extract_units(cfg, store, models, mine, rank), None
+        except Exception as e:  # noqa: BLE001 — reported to every rank, raised below
+            local, err = None, e
+        results = _gather({"rank": rank, "result": local,
+                           "error": None if err is None else _describe(err, rank, world)}, world)
+        summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started) if rank == 0 else None, world)
+        summary = _gather(summary, world)[0]
+    finally:
+        if rank == 0:
+            release_writer_lock(store, run_id)
+    if err is not None:
+        raise err
+    problems = summary["errors"]
+    if problems:
+        raise ExtractionError("extraction did not complete:\n  - " + "\n  - ".join(problems) +
+                              "\nComplete units are kept; fix the cause and rerun the same command to resume.")
+    return summary
+
+
+def _create_and_lock(cfg: PipelineConfig, metas: dict[str, TeacherMeta], storage_options: dict | None,
+                     run_id: str) -> FeatureStore:
+    store = FeatureStore.create(cfg.store.root, cfg, metas, storage_options=storage_options)
+    acquire_writer_lock(store, run_id)
+    return store
+
+
+def _unit_counts(store: FeatureStore, url: str) -> tuple[int, int]:
+    rec = store.unit_record(unit_name(url))
+    return int(rec.get("n_samples", 0)), len(rec.get("skipped", []))
+
+
+def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, torch.nn.Module],
+                   mine: list[str], rank: int) -> dict[str, Any]:
+    """This process's tars -> units. Returns its counts; raises ExtractionError past max_failure_fraction."""
+    pending = [u for u in mine if not store.is_complete(u)]
+    stored = skipped = 0
+    for url in mine:
+        if url not in pending:
+            n, s = _unit_counts(store, url)
+            stored, skipped = stored + n, skipped + s
+    _check_failures(cfg, stored, skipped)  # units kept from earlier runs already exceed it: stop before working
+    per_chunk = max(1, cfg.data.batch_size // cfg.views.num_views)
+    loader = DataLoader(PreparedTars(cfg, pending, per_chunk), batch_size=None, collate_fn=_identity,
+                        num_workers=cfg.data.num_workers, worker_init_fn=_worker_init)
+    chunks = iter(loader) if pending else iter(())  # fork the decoding workers before the writer thread exists
+    writer = BackgroundWriter(store)
+    out = {"images": 0, "reasons": Counter(), "notes": [], "failed": [], "opened": set(), "seconds": 0.0}
+    progress = _Progress(len(mine), len(mine) - len(pending), show=rank == 0)
+    t0 = time.time()
+    try:
+        for chunk in chunks:
+            url = chunk.url
+            if chunk.error is not None:
+                writer.put(("fail", url, chunk.error))
+                out["failed"].append({"url": url, "reason": chunk.error})
+                progress.tar_done(out["images"])
+                continue
+            if url not in out["opened"]:
+                out["opened"].add(url)
+                writer.put(("open", url))
+            out["notes"] += chunk.notes
+            rows, bad = _teacher_rows(cfg, models, chunk) if chunk.keys else (None, [])
+            for index, key, reason in chunk.skips + bad:
+                writer.put(("skip", url, index, key, reason))
+                out["reasons"][_reason_kind(reason)] += 1
+            skipped += len(chunk.skips) + len(bad)
+            if rows is not None and len(rows):
+                writer.put(("rows", url, rows))
+                out["images"] += len(rows)
+                stored += len(rows)
+            if chunk.last:
+                writer.put(("commit", url))
+                progress.tar_done(out["images"])
+                _check_failures(cfg, stored, skipped)
+    except BaseException:
+        writer.close(check=False)
+        progress.bar.close()
+        raise
+    writer.close()
+    progress.bar.close()
+    out["seconds"] = time.time() - t0
+    return {"images": out["images"], "reasons": dict(out["reasons"]), "notes": out["notes"], "failed": out["failed"],
+            "committed": writer.committed, "stored_total": stored, "skipped_total": skipped,
+            "already_complete": len(mine) - len(pending), "seconds": out["seconds"]}
+
+
+class _Progress:
+    """Tars done: a tqdm bar on a terminal, else (batch jobs, torchrun) a log line per tar; rank 0 only."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        self.total, self.done, self.done_before, self.t0 = total, done, done, time.time()
+        self.bar = tqdm(total=total, initial=done, unit="tar", desc="extract", disable=None if show else True)
+        self.log = show and self.bar.disable
+
+    def tar_done(self, images: int) -> None:
+        self.done += 1
+        elapsed = max(time.time() - self.t0, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{images} img, {images / elapsed:.1f} img/s")
+        if self.log:
+            eta = elapsed / (self.done - self.done_before) * (self.total - self.done)
+            log.info("%d/%d tars, %d images, %.1f images/s, ETA %.0f s", self.done, self.total, images,
+                     images / elapsed, eta)
+
+
+def _describe(err: Exception, rank: int, world: int) -> str:
+    text = str(err) if isinstance(err, ExtractionError) else f"{type(err).__name__}: {err}"
+    return f"process {rank}: {text}" if world > 1 else text
+
+
+def _check_failures(cfg: PipelineConfig, stored: int, skipped: int, where: str = "") -> None:
+    total = stored + skipped
+    if total and skipped / total > cfg.data.max_failure_fraction:
+        raise ExtractionError(
+            f"{where}{skipped} of {total} inputs were skipped ({skipped / total:.2%}), above "
+            f"data.max_failure_fraction = {cfg.data.max_failure_fraction}. See the reasons with `comad-store "
+            f"inspect {cfg.store.root}`; fix the data or raise data.max_failure_fraction, then rerun to resume.")
+
+
+def _teacher_rows(cfg: PipelineConfig, models: dict[str, torch.nn.Module], c: Chunk) -> tuple[UnitRows, list]:
+    """Run every teacher on one chunk: rows of the samples whose features are all finite, skips for the rest."""
+    m, V = len(c.keys), cfg.views.num_views
+    images = c.images.reshape(m * V, *c.images.shape[2:])
+    feats: dict[str, TeacherRows] = {}
+    bad: dict[int, list[str]] = {}
+    for name, model in models.items():
+        tc = cfg.teachers[name]
+        idx = c.teacher_idx[name]  # (m, V, Kt)
+        cls, patch = teacher_forward(model, images, torch.from_numpy(idx.reshape(m * V, -1)), tc.mean, tc.std)
+        patch = patch.cpu().numpy().reshape(m, V, idx.shape[-1], -1)
+        cls = cls.cpu().numpy().reshape(m, V, -1)
+        finite = np.isfinite(patch).all(axis=(1, 2, 3)) & np.isfinite(cls).all(axis=(1, 2))
+        for i in np.flatnonzero(~finite):
+            bad.setdefault(int(i), []).append(name)
+        feats[name] = TeacherRows(idx, patch, cls)
+    keep = np.array([i not in bad for i in range(m)])
+    rows = UnitRows(
+        keys=[k for k, ok in zip(c.keys, keep) if ok], index=c.index[keep], label=c.label[keep], views=c.views[keep],
+        student_idx=c.student_idx[keep], student_pixels=c.student_pixels.numpy()[keep],
+        teachers={t: TeacherRows(r.idx[keep], r.patch[keep], r.cls[keep]) for t, r in feats.items()})
+    skips = [(int(c.index[i]), c.keys[i], f"non-finite features from teacher(s) {', '.join(ts)}")
+             for i, ts in sorted(bad.items())]
+    return rows, skips
+
+
+_REASON_KINDS = ("undecodable image", "decompression bomb", "no image member", "duplicate key", "duplicate member",
+                 "incomplete sample", "truncated or corrupt tar", "empty tar", "zero-size", "non-finite",
+                 "cannot make views")
+
+
+def _reason_kind(reason: str) -> str:
+    return next((k for k in _REASON_KINDS if k in reason), "other")
+
+
+# ---------------------------------------------------------------------------------------------- closing
+
+def exclude_duplicate_keys(store: FeatureStore, urls: list[str]) -> int:
+    """Keys stored by several complete units: the first unit in input order keeps them. Idempotent."""
+    first: dict[str, tuple[str, str]] = {}
+    n = 0
+    for url in urls:
+        if not store.is_complete(url):
+            continue
+        name = unit_name(url)
+        rec = store.unit_record(name)
+        excluded = set(rec.get("excluded_rows", []))
+        rows, reasons = [], []
+        for r, key in enumerate(rec.get("keys", [])):
+            if r in excluded:
+                continue
+            if key in first:
+                rows.append(r)
+                reasons.append(f"duplicate key {key!r}: already stored by unit {first[key][0]} ({first[key][1]})")
+            else:
+                first[key] = (name, url)
+        if rows:
+            store.exclude_rows(name, rows, reasons)
+            n += len(rows)
+    return n
+
+
+def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: list[dict], run_id: str,
+            started: float) -> dict[str, Any]:
+    """Rank 0, after every process: exclude duplicates, merge statistics, build and record the summary."""
+    ok = [r["result"] for r in results if r["result"] is not None]
+    errors = [r["error"] for r in results if r["error"]]
+    failed = [f for r in ok for f in r["failed"]]
+    errors += [f"input tar not read: {f['reason']} (recorded as a failed unit; a rerun retries it)" for f in failed]
+    duplicates = exclude_duplicate_keys(store, urls)
+    counts = store.finalize_stats()
+    stored, skipped = sum(r["stored_total"] for r in ok), sum(r["skipped_total"] for r in ok)
+    if not errors:
+        try:
+            _check_failures(cfg, stored, skipped, "over all processes: ")
+        except ExtractionError as e:
+            errors.append(str(e))
+    reasons: Counter = Counter()
+    for r in ok:
+        reasons.update(r["reasons"])
+    images = sum(r["images"] for r in ok)
+    seconds = max([r["seconds"] for r in ok] + [1e-9])
+    notes = [n for r in ok for n in r["notes"]]
+    summary = {
+        "run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "world_size": len(results), "tars": len(urls),
+        "tars_extracted": sum(len(r["committed"]) for r in ok),
+        "tars_already_complete": sum(r["already_complete"] for r in ok), "tars_failed": failed,
+        "images": images, "views": images * cfg.views.num_views,
+        "skipped": sum(reasons.values()), "skipped_by_reason": dict(sorted(reasons.items())),
+        "duplicate_keys_excluded": duplicates,
+        "store_images": sum(u.n_samples - len(u.excluded_rows) for u in store.units()),
+        "failure_fraction": skipped / max(stored + skipped, 1),
+        "bytes_written": sum(c["bytes"] for r in ok for c in r["committed"]),
+        "seconds": round(time.time() - started, 3), "images_per_s": round(images / seconds, 2),
+        "stats_count": counts, "notes": notes[:20], "notes_total": len(notes),
+        "units_by_rank": {str(r["rank"]): [c["unit"] for c in (r["result"] or {}).get("committed", [])]
+                          for r in results},
+        "errors": errors,
+    }
+    group = store.group.require_group(SUMMARY_GROUP)
+    group.attrs.put({"runs": list(dict(group.attrs).get("runs", [])) + [summary]})
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(s: dict[str, Any]) -> None:
+    log.info("extraction: %d images (%d views) from %d tars (%d already complete, %d failed) in %.1f s, %.1f images/s",
+             s["images"], s["views"], s["tars_extracted"], s["tars_already_complete"], len(s["tars_failed"]),
+             s["seconds"], s["images_per_s"])
+    log.info("skipped %d inputs%s; %d duplicate keys excluded; %.1f MB written", s["skipped"],
+             "".join(f", {k}: {v}" for k, v in s["skipped_by_reason"].items()), s["duplicate_keys_excluded"],
+             s["bytes_written"] / 1e6)  # errors: raised to the caller, which reports them
