@@ -1,0 +1,6 @@
+"""`python -m distill ...` = `comad-distill ...`."""
+import sys
+
+from distill.cli import main
+
+sys.exit(main())

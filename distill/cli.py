@@ -1,0 +1,108 @@
+"""`comad-distill {train,sweep,eval,export}` (also `python -m distill ...`).
+
+Every subcommand takes --config and repeatable --set section.key=value. Problems with the config, the
+store or a resume print their message and exit 2 (no traceback; COMAD_TRACEBACK=1 shows it); a run
+stopped by non-finite losses or a sweep with a failed variant exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from store_schema.config import ConfigError, load_config
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, default=None,
+                   help="pipeline TOML (the shipped pipeline.toml spells out every key)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable), e.g. --set gate.variant=mean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="comad-distill", description="CoMAD stage 2: train the student from "
+                                     "the teacher-feature store, sweep ablations, evaluate, export.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the student (torchrun / accelerate launch for several processes)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+
+    p = sub.add_parser("sweep", help="train (and evaluate) several override sets from the same store")
+    _common(p)
+    p.add_argument("--variant", action="append", default=[], metavar="K=V[;K=V...]",
+                   help="one variant: overrides joined by ';' (repeatable)")
+    p.add_argument("--variants-file", default=None, help="TOML with [[variant]] tables: name (optional), set = [...]")
+    p.add_argument("--resume", action="store_true", help="resume each variant from its latest checkpoint")
+
+    p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint, an export or a teacher")
+    _common(p, config_required=False)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", default=None, help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    which.add_argument("--export", default=None, help="an exported student dir")
+    which.add_argument("--teacher", default=None, help="a configured teacher's name (baseline)")
+    which.add_argument("--random-init", type=int, default=None, metavar="SEED", help="a random student (baseline)")
+    p.add_argument("--out", default=None, help="result JSON (default: next to the run)")
+
+    p = sub.add_parser("export", help="write the student alone as a plain timm ViT (safetensors + config.json)")
+    _common(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from distill.train import train
+        summary = train(load_config(args.config, args.set), resume=args.resume)
+        print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
+        return 0
+    if args.command == "sweep":
+        from distill.sweep import parse_variant, read_variants_file, run_sweep
+        variants = [(None, parse_variant(v)) for v in args.variant]
+        if args.variants_file:
+            variants += read_variants_file(args.variants_file)
+        rows = run_sweep(args.config, variants, args.set, resume=args.resume)
+        failed = [r["variant"] for r in rows if r.get("status") != "ok"]
+        print(f"sweep: {len(rows) - len(failed)} of {len(rows)} variants trained"
+              + (f"; failed: {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
+    if args.command == "eval":
+        from distill.evaluate import main_eval
+        main_eval(args)
+        return 0
+    if args.command == "export":
+        from distill.export import main_export
+        main_export(args)
+        return 0
+    raise AssertionError(args.command)  # argparse only accepts the subcommands above
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distill.checkpoint import ResumeError
+    from distill.train import NonFiniteLossError
+    from extract.shards import ShardReadError
+    from store_schema.store import StoreError
+    user_errors = (ConfigError, StoreError, ResumeError, ShardReadError, ValueError, FileNotFoundError)
+    try:
+        return run(args)
+    except (NonFiniteLossError, *user_errors) as e:
+        if os.environ.get("COMAD_TRACEBACK"):
+            raise
+        print(f"comad-distill {args.command}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteLossError) else 2
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

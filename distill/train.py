@@ -1,0 +1,329 @@
+"""Stage 2: train the student from the teacher-feature store (or from live teachers).
+
+One plain process, `torchrun --nproc_per_node N -m distill train ...` and `accelerate launch` all run
+the same code. The DataLoader is deliberately not `accelerator.prepare`d: StoreBatches already
+shards by (rank, world_size), and accelerate would shard it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint, load_checkpoint, read_meta,
+                                save_checkpoint)
+from distill.model import CoMADDistiller
+from store_schema.config import ConfigError, PipelineConfig, dumps_toml
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many consecutive non-finite steps."""
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+def peak_lr(cfg: PipelineConfig, world_size: int) -> float:
+    """Linear scaling rule: base_lr · global batch / lr_reference_batch."""
+    return cfg.optim.base_lr * cfg.train.batch_size * world_size / cfg.optim.lr_reference_batch
+
+
+def learning_rate(cfg: PipelineConfig, world_size: int, step: int) -> float:
+    """lr of 0-based step `step`: linear warm-up to the peak over warmup_steps (step warmup-1 is at
+    the peak), then a half cosine from the peak at step warmup_steps to min_lr at the last step."""
+    peak, o, total = peak_lr(cfg, world_size), cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return peak * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - 1 - o.warmup_steps))
+    return o.min_lr + (peak - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: PipelineConfig, world_size: int) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases, norms, positions and tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen adapters and the fixed sin-cos pos_embed
+        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "mask_token", "reg_token"))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg, world_size), betas=tuple(cfg.optim.betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: PipelineConfig,
+                    world_size: int) -> torch.optim.lr_scheduler.LambdaLR:
+    peak = peak_lr(cfg, world_size)
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR then keeps it out of its state dict
+        return learning_rate(cfg, world_size, step) / peak
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mixed_precision(cfg: PipelineConfig) -> str:
+    if cfg.train.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return cfg.train.mixed_precision
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
+               accelerator: Accelerator, grad_clip: float) -> tuple[dict[str, Tensor], bool]:
+    """Forward, backward, clip, update. Returns (metrics, applied); a non-finite loss or gradient norm
+    on ANY rank skips the update on every rank (a DDP collective must never be half-entered)."""
+    with accelerator.autocast():
+        loss, metrics = model(batch)
+    applied = _all_finite(loss, accelerator)
+    if applied:
+        accelerator.backward(loss)
+        # Gradients are all-reduced by now, so every rank sees the same norm and decides alike.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        metrics["grad_norm"] = grad_norm.detach().float()
+        applied = bool(torch.isfinite(grad_norm))
+        if applied:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()  # also on a skipped step: the lr is a function of the step index
+    return metrics, applied
+
+
+def _all_finite(loss: Tensor, accelerator: Accelerator) -> bool:
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
+    """This rank's batches from global step `start_step` on (endless; order fixed by rank, world, workers)."""
+    if cfg.train.targets == "online":
+        try:
+            from extract.online import online_loader
+        except ImportError as e:
+            raise RuntimeError("train.targets = \"online\" needs extract/online.py (OnlineBatches, LiveTeachers), "
+                               f"which is not importable here ({e}); use train.targets = \"store\"") from e
+        return iter(online_loader(cfg, rank, world_size, start_step))
+    from distill.store_dataset import StoreBatches, make_loader
+    return iter(make_loader(StoreBatches(cfg, rank, world_size, start_step), cfg.train.num_workers))
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Tensors (and numpy arrays) of a nested batch to `device`; other leaves (sample keys) as they are."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+
+
+def open_store(cfg: PipelineConfig):
+    """The checked FeatureStore, or None when online targets need no statistics from it."""
+    needs_stats = cfg.heads.adapter_init == "pca" or cfg.loss.standardize_targets
+    if cfg.train.targets == "online" and not needs_stats:
+        return None
+    from distill.store_dataset import check_store_matches
+    try:
+        return check_store_matches(cfg)
+    except Exception as e:
+        if cfg.train.targets != "online":
+            raise
+        raise ConfigError(f"online targets with heads.adapter_init = \"pca\" or loss.standardize_targets need "
+                          f"the store's teacher statistics, but the store cannot be used: {e}\nSet "
+                          "heads.adapter_init = \"random\" and loss.standardize_targets = false, or extract a "
+                          "store first") from e
+
+
+def data_identity(cfg: PipelineConfig, store) -> dict[str, Any]:
+    """What the data order depends on beyond the config: the store's complete units (a store extended
+    since the checkpoint gives other epochs), or the online input list."""
+    if cfg.train.targets == "online":
+        return {"online_urls_sha1": hashlib.sha1(json.dumps(cfg.data.urls).encode()).hexdigest()[:16]}
+    units = [(u.name, u.n_samples, list(u.excluded_rows)) for u in store.units()]
+    return {"store_units": len(units), "store_samples": sum(n - len(x) for _, n, x in units),
+            "store_units_sha1": hashlib.sha1(json.dumps(units).encode()).hexdigest()[:16]}
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+class MetricLog:
+    """Sums metrics over a log window; writes the cross-rank means to metrics.jsonl and TensorBoard."""
+
+    def __init__(self, run_dir: Path, start_step: int, main: bool) -> None:
+        self.path, self.main = run_dir / "metrics.jsonl", main
+        self.sums: dict[str, Tensor] = {}
+        self.applied = self.skipped = 0
+        self.t0 = time.perf_counter()
+        self.tb = None
+        if main:
+            _truncate_jsonl(self.path, start_step)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError as e:
+                warnings.warn(f"TensorBoard logging is off ({e}); metrics still go to {self.path}")
+
+    def add(self, metrics: dict[str, Tensor], applied: bool) -> None:
+        if not applied:
+            self.skipped += 1
+            return
+        self.applied += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float().clone()
+
+    def flush(self, step: int, lr: float, images: int, accelerator: Accelerator) -> dict[str, Any]:
+        """Collective: the window's means over steps and ranks (None for a window of skipped steps)."""
+        keys = sorted(self.sums)
+        local = torch.stack([self.sums[k] for k in keys]) if keys else torch.zeros(0, device=accelerator.device)
+        total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+        ranks = accelerator.num_processes
+        elapsed = time.perf_counter() - self.t0
+        row: dict[str, Any] = {"step": step, "lr": lr, "img_per_s": images * ranks / max(elapsed, 1e-9),
+                               "skipped_steps": self.skipped}
+        if self.applied:  # every rank applied the same steps: the skip decision is collective
+            row.update({k: float(v) / (self.applied * ranks) for k, v in zip(keys, total)})
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self.tb.add_scalar(k, v, step)
+                self.tb.flush()
+        self.sums, self.applied, self.skipped, self.t0 = {}, 0, 0, time.perf_counter()
+        return row
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_jsonl(path: Path, start_step: int) -> None:
+    """Keep rows up to the resume step: later ones belong to the interrupted attempt."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start_step))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
+    """Train for cfg.train.steps global steps; returns a summary (run_dir, final step, last metrics)."""
+    tr = cfg.train
+    # A term with weight 0 or a target-side adapter receives no gradient; DDP must then be told.
+    unused = cfg.loss.token_weight == 0 or cfg.loss.map_weight == 0 or cfg.heads.adapter_trainable
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    # accelerate keeps one process-wide state and refuses a second run (a sweep variant) with another
+    # precision; clearing it keeps the process group (PartialState) and lets each run choose its own.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Without cpu=True accelerate ignores a CPU-only multi-process launch and every process trains alone.
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched > 1 and not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if world != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate set up {world}: they would train "
+                           "independently into the same run_dir; check the launcher and torch.distributed setup")
+    run_dir = Path(tr.run_dir)
+    store = open_store(cfg)
+    data = data_identity(cfg, store)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and not resume:
+        raise ResumeError(f"{run_dir} already holds checkpoints up to step {read_meta(ckpt)['step']}: pass "
+                          "--resume to continue that run, or set another train.run_dir")
+    if ckpt is not None:
+        check_resumable(ckpt, cfg, world, tr.num_workers, data)
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    dims = None if store is None else {t: store.teacher_meta(t).dim for t in store.teachers}
+    stats = None
+    if store is not None and (cfg.heads.adapter_init == "pca" or cfg.loss.standardize_targets):
+        stats = {t: store.teacher_stats(t) for t in cfg.teachers}
+    live = None
+    if cfg.train.targets == "online":
+        from extract.online import LiveTeachers
+        live = LiveTeachers(cfg).to(accelerator.device)
+        if dims is not None and dims != live.dims:
+            raise RuntimeError(f"the live teachers' feature widths {live.dims} differ from the store's {dims}, "
+                               "whose statistics would initialise the adapters")
+        dims = live.dims
+    model = CoMADDistiller(cfg, dims)
+    if stats is not None:
+        model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca")
+    optimizer = build_optimizer(model, cfg, world)
+    scheduler = build_scheduler(optimizer, cfg, world)
+    # The scheduler is not prepared: accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = 0
+    if ckpt is not None:
+        step = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        if main:
+            print(f"resuming {run_dir} from {ckpt.name} (step {step} of {tr.steps})")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dumps_toml(cfg))
+    log = MetricLog(run_dir, step, main)
+    last_row: dict[str, Any] = {}
+    consecutive_bad = total_bad = 0
+    batches = make_batches(cfg, rank, world, step) if step < tr.steps else iter(())
+    bar = tqdm(total=tr.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    model.train()
+    try:
+        while step < tr.steps:
+            batch = to_device(next(batches), accelerator.device)
+            if live is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    batch = live(batch)
+            metrics, applied = train_step(model, batch, optimizer, scheduler, accelerator, cfg.optim.grad_clip)
+            step += 1
+            log.add(metrics, applied)
+            bar.update(1)
+            consecutive_bad = 0 if applied else consecutive_bad + 1
+            if not applied:
+                total_bad += 1
+                if main:
+                    values = ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k.startswith(("loss", "grad")))
+                    tqdm.write(f"step {step}: non-finite loss or gradient on at least one rank (rank 0: {values}); "
+                               "update skipped on every rank")
+                if consecutive_bad >= tr.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{consecutive_bad} consecutive steps up to step {step} had a non-finite loss or gradient "
+                        f"(train.max_nonfinite_steps = {tr.max_nonfinite_steps}); the run stops. Check the store's "
+                        f"features for NaN/inf, lower optim.base_lr, or resume from {latest_checkpoint(run_dir)}")
+            if step % tr.log_every == 0 or step == tr.steps:
+                last_row = log.flush(step, learning_rate(cfg, world, step - 1),
+                                     tr.batch_size * (log.applied + log.skipped), accelerator)
+                bar.set_postfix(loss=f"{last_row.get('loss', float('nan')):.4f}",
+                                img_s=f"{last_row['img_per_s']:.0f}")
+            if step % tr.checkpoint_every == 0 or step == tr.steps:
+                save_checkpoint(accelerator, model, optimizer, scheduler, step, cfg, tr.num_workers, data)
+    finally:
+        bar.close()
+        log.close()
+    final = latest_checkpoint(run_dir)
+    if not last_row and (run_dir / "metrics.jsonl").exists():  # nothing left to train: report the run's end
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        last_row = json.loads(rows[-1]) if rows else {}
+    return {"run_dir": str(run_dir), "step": step, "last_metrics": last_row, "skipped_steps": total_bad,
+            "checkpoint": None if final is None else str(final), "world_size": world}
