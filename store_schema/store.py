@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,13 +302,19 @@ class FeatureStore:
         dim = self.teacher_meta(teacher).dim
         return RunningStats(dim, int(rec["count"]), self.array(f"{tp}/stats_mean")[:], self.array(f"{tp}/stats_m2")[:])
 
+    def units_digest(self) -> tuple[list[str], str]:
+        """Complete units and a digest of their identities (a re-extracted unit gets a new write id)."""
+        units = [u.name for u in self.units()]
+        ids = [f"{u}:{self.unit_record(u).get('write_id', '')}:{self.unit_record(u).get('n_samples', 0)}" for u in units]
+        return units, _digest(ids)
+
     def teacher_stats(self, teacher: str) -> RunningStats:
         """Store-level statistics: the finalised ones when they cover exactly the complete units."""
-        units = [u.name for u in self.units()]
+        units, digest = self.units_digest()
         path = f"stats/{teacher}"
         if path in self.group:
             rec = dict(self.group[path].attrs).get(TEACHER_ATTR, {})
-            if rec.get("units_digest") == _digest(units):
+            if rec.get("units_digest") == digest:
                 g = self.group[path]
                 return RunningStats(g["mean"].shape[0], int(rec["count"]), g["mean"][:], g["m2"][:])
         return self._merge_stats(teacher, units)
@@ -320,7 +327,7 @@ class FeatureStore:
 
     def finalize_stats(self) -> dict[str, int]:
         """Merge the complete units' statistics into stats/<teacher> (single writer: the main process)."""
-        units = [u.name for u in self.units()]
+        units, digest = self.units_digest()
         counts = {}
         for t in self.teachers:
             s = self._merge_stats(t, units)
@@ -328,7 +335,7 @@ class FeatureStore:
             g.attrs.put({TEACHER_ATTR: {"status": "writing"}})  # stale arrays are never paired with a valid record
             for name, value in (("mean", s.mean), ("m2", s.m2), ("cov", s.cov)):
                 g.create_array(name, data=value, chunks=value.shape, compressors=None, overwrite=True)
-            g.attrs.put({TEACHER_ATTR: {"count": s.count, "units_digest": _digest(units), "n_units": len(units)}})
+            g.attrs.put({TEACHER_ATTR: {"count": s.count, "units_digest": digest, "n_units": len(units)}})
             counts[t] = s.count
             fault_point("stats_merge")
         return counts
@@ -456,8 +463,26 @@ class UnitWriter:
             self.group[f"teachers/{t}"].attrs.put({TEACHER_ATTR: {"status": "complete", "count": s.count}})
         if self.base:
             self.group.attrs.put({UNIT_ATTR: {"source": self.source, "status": "complete", "n_samples": self.written,
-                                              "keys": self.keys, "skipped": self.skips}})
+                                              "keys": self.keys, "skipped": self.skips,
+                                              "write_id": uuid.uuid4().hex}})
         return self.store.unit_info(self.name)
+
+    def fail(self, reason: str) -> None:
+        """Record that this unit could not be written and why; it stays incomplete (redone on resume).
+
+        The unit's rows written so far are dropped: its group keeps only the record (status "failed",
+        the reason as its one skip record, which `store.skipped()` and `comad-store inspect` show).
+        When only adding teachers, the base data stays and those teachers are marked failed.
+        """
+        if not self.base:
+            for t in self.teachers:
+                self.group[f"teachers/{t}"].attrs.put({TEACHER_ATTR: {"status": "failed", "reason": reason}})
+            return
+        _delete_dir(self.store, self.path)
+        self.group = self.store.group["units"].create_group(self.name, attributes={UNIT_ATTR: {
+            "source": self.source, "status": "failed", "n_samples": 0, "keys": [],
+            "skipped": [{"index": 0, "key": None, "reason": reason}]}})
+        self._arrays, self.buffer, self.buffered = {}, [], 0
 
     def _check(self, rows: UnitRows) -> None:
         m = len(rows)
@@ -472,6 +497,12 @@ class UnitWriter:
                 raise StoreError(f"unit {self.name}: rows lack teacher {t!r}")
             if not (np.isfinite(tr.patch).all() and np.isfinite(tr.cls).all()):
                 raise StoreError(f"unit {self.name}: non-finite features of teacher {t!r}; skip those samples first")
+            if self.dtype == "float16" and max(np.abs(tr.patch).max(initial=0), np.abs(tr.cls).max(initial=0)) > 65504:
+                raise StoreError(f"unit {self.name}: teacher {t!r} features exceed the float16 range (65504); "
+                                 "set store.dtype to float32 or int8")
+            _check_indices(tr.idx, int(self.store.meta["num_patches"]), f"unit {self.name} teachers/{t}/idx")
+        if rows.student_idx is not None:
+            _check_indices(rows.student_idx, int(self.store.meta["num_patches"]), f"unit {self.name} student_idx")
 
     def _flush(self, n: int) -> None:
         rows = _concat(self.buffer)
@@ -630,7 +661,9 @@ def release_writer_lock(store: FeatureStore, run_id: str) -> None:
             path.unlink(missing_ok=True)
         return
     key = f"{store.group.path}/{LOCK_KEY}" if store.group.path else LOCK_KEY
-    sync(store.group.store.delete(key))
+    cur = sync(store.group.store.get(key, prototype=default_buffer_prototype()))
+    if cur is not None and json.loads(cur.to_bytes()).get("run_id") == run_id:  # never release another run's lock
+        sync(store.group.store.delete(key))
 
 
 def _read_lock(path: Path) -> dict[str, Any]:

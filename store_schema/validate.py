@@ -23,7 +23,10 @@ from .codec import FEATURE_DTYPES, decode_features
 from .config import ConfigError, config_from_dict
 from .fingerprint import SCHEMA_VERSION
 from .stats import RunningStats
-from .store import LOCK_KEY, TEACHER_ATTR, VIEW_PARAMS, FeatureStore, StoreError, _digest
+from .store import LOCK_KEY, TEACHER_ATTR, VIEW_PARAMS, FeatureStore, StoreError
+
+RUNS_GROUP = "extract_runs"  # attrs["runs"]: comad-extract appends one summary (a dict) per finished run
+FAILED = "failed"  # unit status of an input tar that could not be read; the reason is its one skip record
 
 # How far a unit's recorded statistics (computed on float32 before encoding) may sit from the decoded
 # features', in per-channel standard deviations (mean) and relative variance: the storage dtype's error.
@@ -110,6 +113,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
     """
     store = FeatureStore.open(root, storage_options=storage_options)
     meta, V = store.meta, store.num_views
+    runs = run_summaries(store)
     infos = store.units(complete_only=False)
     complete = [u for u in infos if u.complete]
     rows = sum(u.n_samples for u in complete)
@@ -134,14 +138,36 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
         "dtype": meta["dtype"], "compression": meta["compression"], "compression_level": meta["compression_level"],
         "chunk_samples": meta["chunk_samples"], "shard_samples": meta["shard_samples"],
         "units": {"complete": len(complete), "incomplete": len(infos) - len(complete),
-                  "incomplete_units": [{"unit": u.name, "source": u.source} for u in infos if not u.complete]},
+                  "incomplete_units": [_incomplete_entry(store, u) for u in infos if not u.complete]},
         "stored_bytes": total, "decoded_bytes": decoded,
         "stored_fraction": total / decoded if decoded else 0.0,
         "bytes_per_view": per_view(total), "bytes_per_view_by_part": {k: per_view(b) for k, b in stored.items()},
         "stats_finalised": {t: _final_stats_state(store, t, [u.name for u in complete]) for t in store.teachers},
         "skipped": store.skipped(),
+        "runs": len(runs), "last_run": runs[-1] if runs else None,
         "lock": _read_lock(store),
     }
+
+
+def _incomplete_entry(store: FeatureStore, info: Any) -> dict[str, Any]:
+    rec = store.unit_record(info.name)
+    out = {"unit": info.name, "source": info.source, "status": rec.get("status", "missing")}
+    if out["status"] == FAILED:
+        out["reason"] = _failure_reason(rec)
+    return out
+
+
+def _failure_reason(rec: dict[str, Any]) -> str:
+    reasons = [s.get("reason") for s in rec.get("skipped", []) if isinstance(s, dict) and s.get("reason")]
+    return "; ".join(map(str, reasons)) or "no reason recorded"
+
+
+def run_summaries(store: FeatureStore) -> list[dict[str, Any]]:
+    """The summaries comad-extract appended to extract_runs, oldest first ([] before the first finished run)."""
+    if RUNS_GROUP not in store.group:
+        return []
+    runs = dict(store.group[RUNS_GROUP].attrs).get("runs", [])
+    return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
 
 
 def _final_stats_state(store: FeatureStore, teacher: str, complete: list[str]) -> str:
@@ -149,7 +175,7 @@ def _final_stats_state(store: FeatureStore, teacher: str, complete: list[str]) -
     if f"stats/{teacher}" not in store.group:
         return "missing"
     rec = dict(store.group[f"stats/{teacher}"].attrs).get(TEACHER_ATTR, {})
-    return "current" if rec.get("units_digest") == _digest(complete) else "stale"
+    return "current" if rec.get("units_digest") == store.units_digest()[1] else "stale"
 
 
 def _read_lock(store: FeatureStore) -> dict[str, Any] | None:
@@ -184,7 +210,12 @@ def validate_store(root: str, storage_options: dict | None = None,
         complete, unit_stats, key_rows = [], {}, {}
         for name in names:
             try:
-                info = store.unit_info(name)
+                info, rec = store.unit_info(name), store.unit_record(name)
+                if rec.get("status") == FAILED:
+                    rep.add(f"units/{name}", "failed unit: its input tar was not read",
+                            f"source {info.source}: {_failure_reason(rec)}; readers ignore "
+                            "it; fix the cause and rerun comad-extract to retry it")
+                    continue
                 if not info.complete:
                     _report_incomplete(store, info, rep)
                     continue
@@ -193,9 +224,25 @@ def validate_store(root: str, storage_options: dict | None = None,
             except Exception as e:  # a unreadable record or group: report, go on with the others
                 rep.add(f"units/{name}", "cannot be read", f"{type(e).__name__}: {e}")
         _check_final_stats(store, complete, unit_stats, rep)
+        _check_runs(store, rep)
     if checked is not None:
         checked.update(counts)
     return rep.problems()
+
+
+def _check_runs(store: FeatureStore, rep: _Report) -> None:
+    """extract_runs, when present: a group whose attrs["runs"] is a list of summaries (dicts)."""
+    try:
+        if RUNS_GROUP not in store.group:
+            return
+        node = store.group[RUNS_GROUP]
+        runs = dict(node.attrs).get("runs") if isinstance(node, zarr.Group) else None
+        if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+            rep.add(RUNS_GROUP, "run summaries are not a list of records",
+                    f"expected a group with attrs['runs'] = [{{...}}, ...], found {type(node).__name__} "
+                    f"with runs = {runs!r}"[:200])
+    except Exception as e:
+        rep.add(RUNS_GROUP, "run summaries cannot be read", f"{type(e).__name__}: {e}")
 
 
 _ROOT_FIELDS = {"schema_version": str, "fingerprint": dict, "teachers": dict, "teacher_order": list,
@@ -464,7 +511,7 @@ def _check_final_stats(store: FeatureStore, complete: list[str], unit_stats: dic
                         "comad-extract writes them when a run finishes; readers merge the units' meanwhile")
                 continue
             rec = dict(store.group[where].attrs).get(TEACHER_ATTR, {})
-            if rec.get("units_digest") != _digest(complete):
+            if rec.get("units_digest") != store.units_digest()[1]:
                 rep.add(where, "finalised statistics are stale",
                         f"they cover {rec.get('n_units')} units, the store has {len(complete)} complete units; "
                         "rerun comad-extract to finalise them")

@@ -243,3 +243,27 @@ def test_damaged_units_are_refused_on_read_not_returned_as_fill_values(tiny_cfg)
     fresh._checked_units.add(name)  # even past the listing check, fill values are not finite
     with pytest.raises(StoreError, match="not finite"):
         fresh.read_block(name, 8, 12, 0)
+
+
+def test_writer_refuses_float16_overflow_and_unsorted_indices(tiny_cfg):
+    store = _create(tiny_cfg)
+    rows = make_rows(tiny_cfg, ["a", "b"], np.random.default_rng(0))
+    rows.teachers["mae"].patch[0, 0, 0, 0] = 7e4  # finite in float32, inf in float16
+    with pytest.raises(StoreError, match="float16 range"):
+        UnitWriter(store, "x.tar").append(rows)
+    rows = make_rows(tiny_cfg, ["a", "b"], np.random.default_rng(0))
+    rows.teachers["ibot"].idx[1, 0] = rows.teachers["ibot"].idx[1, 0][::-1].copy()  # MAE-style unsorted order
+    with pytest.raises(StoreError, match="strictly increasing"):
+        UnitWriter(store, "y.tar").append(rows)
+
+
+def test_redone_unit_invalidates_finalised_statistics(tiny_cfg):
+    store = _create(tiny_cfg)
+    write_unit(store, tiny_cfg, "a.tar", n=6, seed=1)
+    store.finalize_stats()
+    before = store.teacher_stats("mae").mean.copy()
+    redo = write_unit(store, tiny_cfg, "a.tar", n=6, seed=2)  # same unit name and size, new content
+    after = store.teacher_stats("mae")
+    ref = redo.teachers["mae"].patch.reshape(-1, 32).astype(np.float64).mean(0)
+    np.testing.assert_allclose(after.mean, ref, rtol=1e-10, atol=1e-10)
+    assert not np.allclose(after.mean, before)

@@ -153,3 +153,17 @@ def test_a_deleted_shard_object_is_reported_by_validate_in_a_new_process(s3, wri
     assert r.returncode == 1 and not report["ok"], r.stderr[-2000:]
     assert [(p["where"], p["what"].split(":")[0]) for p in report["problems"]] == [
         (f"units/{name}/teachers/ibot/patch", "missing shard file")]
+
+
+def test_object_store_lock_is_released_only_by_its_owner(s3, written):
+    """A refused run that 'releases' on its way out must not free the lock of the run that holds it."""
+    store = written["store"]
+    acquire_writer_lock(store, "run-a")
+    with pytest.raises(StoreError):
+        acquire_writer_lock(store, "run-b")
+    release_writer_lock(store, "run-b")
+    with pytest.raises(StoreError, match="locked by run run-a"):
+        acquire_writer_lock(store, "run-c")
+    release_writer_lock(store, "run-a")
+    acquire_writer_lock(store, "run-c")
+    release_writer_lock(store, "run-c")
