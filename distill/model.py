@@ -7,7 +7,6 @@ used only when loss.standardize_targets).
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
@@ -54,15 +53,12 @@ class CoMADDistiller(nn.Module):
         self.standardize = cfg.loss.standardize_targets
         if self.standardize:
             self.target_norm = nn.ModuleDict({t: TargetNorm(teacher_dims[t]) for t in self.teacher_names})
-        self.token_loss = TokenKLLoss(cfg.loss.token_temperature)
-        self.map_loss = MapKLLoss(cfg.loss.map_temperature)
+        # Trainable adapters learn through the targets; frozen ones (the default) keep them constant.
+        self.token_loss = TokenKLLoss(cfg.loss.token_temperature, detach_target=not h.adapter_trainable)
+        self.map_loss = MapKLLoss(cfg.loss.map_temperature, detach_target=not h.adapter_trainable)
         self.token_weight, self.map_weight = cfg.loss.token_weight, cfg.loss.map_weight
         self.gate_variant, self.gate_temperature = cfg.gate.variant, cfg.gate.temperature
         self.adapter_trainable = h.adapter_trainable
-        if h.adapter_trainable:
-            warnings.warn("heads.adapter_trainable = true, but the fused target is computed without gradient "
-                          "(consensus_gate) and both KL losses detach it, so the adapters receive no gradient "
-                          "and keep their initialisation; target_var/<teacher> is logged regardless")
         self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.student.std).view(1, 1, 3, 1, 1), persistent=False)
 
@@ -119,6 +115,8 @@ class CoMADDistiller(nn.Module):
         targets_t, visible_t = torch.stack(targets, 1), torch.stack(visible, 1)  # (B, T, N, d), (B, T, N)
         query = s_map.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), s)  # u: s_i where seen, s̃_i elsewhere
         fused, weights = consensus_gate(query, targets_t, visible_t, self.gate_variant, self.gate_temperature)
+        if self.adapter_trainable:  # same values; the gate weights stay gradient-free, the adapters get one
+            fused = (weights.unsqueeze(-1).to(targets_t.dtype) * targets_t).sum(1)
         loss_token = self.token_loss(s, fused.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)))
         loss_map = self.map_loss(s_map, fused, visible_t.any(1))
         # A zero-weight term stays out of the graph: its head then gets no gradient at all (not NaN·0).

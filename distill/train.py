@@ -126,7 +126,23 @@ def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: in
                                f"which is not importable here ({e}); use train.targets = \"store\"") from e
         return iter(online_loader(cfg, rank, world_size, start_step))
     from distill.store_dataset import StoreBatches, make_loader
-    return iter(make_loader(StoreBatches(cfg, rank, world_size, start_step), cfg.train.num_workers))
+    dataset = StoreBatches(cfg, rank, world_size, start_step)
+    # Each rank lists the store's units itself; if extraction completed a unit in between, ranks would
+    # disagree on the epoch length and DDP would hang at the first uneven step. Refuse instead.
+    plans = _all_gather((dataset.steps_per_epoch, dataset.num_samples), world_size)
+    if len(set(plans)) > 1:
+        raise RuntimeError(f"processes see different store contents (steps per epoch, samples) = {plans}: the "
+                           "store changed while training started (is comad-extract still running?); retry when "
+                           "it has finished")
+    return iter(make_loader(dataset, cfg.train.num_workers))
+
+
+def _all_gather(value: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    out: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -248,6 +264,9 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = Path(tr.run_dir)
     store = open_store(cfg)
     data = data_identity(cfg, store)
+    if len({json.dumps(d, sort_keys=True) for d in _all_gather(data, world)}) > 1:
+        raise RuntimeError("processes see different store contents (complete units): the store changed while "
+                           "training started (is comad-extract still running?); retry when it has finished")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not resume:
         raise ResumeError(f"{run_dir} already holds checkpoints up to step {read_meta(ckpt)['step']}: pass "

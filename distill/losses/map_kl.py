@@ -22,11 +22,15 @@ def _masked_log_softmax(x: Tensor, covered: Tensor, fill: Tensor) -> Tensor:
 
 
 class MapKLLoss(nn.Module):
-    """τ'² · mean over images and channels of KL(softmax_C(t/τ') ‖ softmax_C(s̃/τ')) over positions."""
+    """τ'² · mean over images and channels of KL(softmax_C(t/τ') ‖ softmax_C(s̃/τ')) over positions.
 
-    def __init__(self, temperature: float) -> None:
+    The target is detached unless `detach_target` is False (trainable target-side adapters only).
+    """
+
+    def __init__(self, temperature: float, detach_target: bool = True) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature, "map KL temperature")
+        self.detach_target = detach_target
 
     def forward(self, student_map: Tensor, target_map: Tensor, covered: Tensor) -> Tensor:
         """student_map, target_map: (B, N, d); covered: (B, N) bool -> scalar loss."""
@@ -43,7 +47,8 @@ class MapKLLoss(nn.Module):
         # instead, because a softmax over only -inf is NaN in both value and gradient.
         fill = torch.where(has_any, -math.inf, 0.0).to(upcast(student_map).dtype)[:, None, None]
         log_p_s = _masked_log_softmax(upcast(student_map) / tau, mask, fill)
-        log_p_t = _masked_log_softmax(upcast(target_map.detach()) / tau, mask, fill)
+        target = target_map.detach() if self.detach_target else target_map
+        log_p_t = _masked_log_softmax(upcast(target) / tau, mask, fill)
         p_t = torch.where(mask, log_p_t.exp(), 0.0)
         kl = (p_t * (log_p_t - log_p_s)).sum(1)  # (B, d); exactly 0 for images with nothing covered
         count = (has_any.sum() * kl.shape[-1]).clamp(min=1)

@@ -24,12 +24,14 @@ class TokenKLLoss(nn.Module):
     """τ² · mean over tokens of KL(softmax(t/τ) ‖ softmax(s/τ)), softmax over the channel axis.
 
     The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.). The
-    target is detached: it is a fused teacher target, never something to optimise.
+    target is detached unless `detach_target` is False — only for trainable target-side adapters,
+    which otherwise could never learn (and whose collapse the trainer then logs).
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, detach_target: bool = True) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature, "token KL temperature")
+        self.detach_target = detach_target
 
     def forward(self, student: Tensor, target: Tensor) -> Tensor:
         """student, target: (B, K, d) -> scalar loss."""
@@ -39,7 +41,7 @@ class TokenKLLoss(nn.Module):
             raise ValueError("token KL over zero tokens: the student saw no token")
         tau = self.temperature
         log_p_s = F.log_softmax(upcast(student) / tau, dim=-1)
-        log_p_t = F.log_softmax(upcast(target.detach()) / tau, dim=-1)
+        log_p_t = F.log_softmax(upcast(target.detach() if self.detach_target else target) / tau, dim=-1)
         kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)  # (B, K)
         return tau**2 * kl.mean()
 
