@@ -1,0 +1,132 @@
+"""Training benchmark (issue 4): ViT-B/16 teachers, ViT-Tiny/16 student at 224, same batch, one run:
+
+  store   — steps/s reading targets from the store (StoreBatches + DataLoader workers, the trainer's path)
+  memory  — steps/s on the same batches already in memory (the ceiling for the store path; goal >= 0.90)
+  online  — steps/s with the three live teachers computing targets (goal: store >= 10x faster)
+
+and the FLOP ratio (online / store) counted from the architectures.
+
+    python -m benchmarks.bench_distill [--images 32] [--batch 16] [--steps 6] [--online-steps 2] [--store PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from benchmarks.common import bench_config, print_json, print_table, write_image_tars, write_teacher_checkpoints
+from distill.model import CoMADDistiller
+from distill.store_dataset import StoreBatches, check_store_matches, make_loader
+from distill.train import build_optimizer, build_scheduler, to_device, train_step
+from extract.online import LiveTeachers, online_loader
+from extract.pipeline import run_extraction
+
+
+def vit_forward_flops(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
+    """Multiply-adds x 2 of one ViT encoder pass over `tokens` tokens (linear layers + attention)."""
+    linear = 2 * tokens * dim * dim * (4 + 2 * mlp_ratio)  # qkv (3), proj (1), mlp (2 x ratio)
+    attention = 2 * 2 * tokens * tokens * dim
+    return depth * (linear + attention)
+
+
+def flop_ratio(cfg, student, teacher_dims: dict[str, int]) -> dict[str, float]:
+    """Online step = student step + teacher forwards; store step = student step. Per image."""
+    n, d_s = cfg.num_patches, student.embed_dim
+    depth_s = len(student.blocks)
+    student_fwd = vit_forward_flops(cfg.student_tokens + 1, d_s, depth_s)
+    decoder_fwd = vit_forward_flops(n + 1, d_s, cfg.heads.decoder_depth, cfg.heads.decoder_mlp_ratio)
+    adapters = sum(2 * cfg.teacher_tokens(t) * dim * d_s for t, dim in teacher_dims.items())
+    student_step = 3 * (student_fwd + decoder_fwd) + adapters  # forward + backward (2x) for trained parts
+    teachers = sum(vit_forward_flops(cfg.teacher_tokens(t) + 1, dim, 12) for t, dim in teacher_dims.items())
+    return {"student_step_gflop": student_step / 1e9, "teacher_gflop": teachers / 1e9,
+            "online_over_store": (student_step + teachers) / student_step}
+
+
+def timed_steps(step_fn, batches, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step_fn(next(batches))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per round for store and memory")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--online-steps", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_distill_"))
+    base = bench_config([])
+    urls = write_image_tars(out / "data", args.images, per_tar=max(1, args.images // 2))
+    overrides = write_teacher_checkpoints(base, out / "ckpt") + [
+        f"data.urls={urls!r}".replace("'", '"'), "data.batch_size=16", "data.num_workers=1",
+        f'store.root="{out}/store"', f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch}",
+        f"train.num_workers={args.workers}", f'train.run_dir="{out}/run"', "optim.warmup_steps=0"]
+    cfg = bench_config(overrides)
+    if not (out / "store").exists():
+        t0 = time.perf_counter()
+        run_extraction(cfg)
+        print(f"extracted {args.images} images in {time.perf_counter() - t0:.0f} s")
+
+    store = check_store_matches(cfg)
+    dims = {t: store.teacher_meta(t).dim for t in store.teachers}
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision="no")
+    torch.manual_seed(0)
+    model = CoMADDistiller(cfg, dims)
+    model.init_from_statistics({t: store.teacher_stats(t) for t in cfg.teachers}, pca=True)
+    optimizer = build_optimizer(model, cfg, 1)
+    scheduler = build_scheduler(optimizer, cfg, 1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def step(batch):
+        train_step(model, to_device(batch, accelerator.device), optimizer, scheduler, accelerator, cfg.optim.grad_clip)
+
+    store_batches = iter(make_loader(StoreBatches(cfg, 0, 1, 0), cfg.train.num_workers))
+    memory = [next(store_batches) for _ in range(args.steps)]
+    step(memory[0])  # warm-up (allocator, kernels)
+    t_store, t_memory = [], []
+    for _ in range(args.rounds):  # alternate so machine noise hits both alike
+        t_store += timed_steps(step, store_batches, args.steps)
+        t_memory += timed_steps(step, iter(memory), args.steps)
+
+    live = LiveTeachers(cfg).to(accelerator.device)
+    online_batches = iter(online_loader(cfg, 0, 1, 0))
+    t_online = timed_steps(lambda b: step(live(b)), online_batches, args.online_steps + 1)[1:]  # first: warm-up
+
+    med = {k: statistics.median(v) for k, v in (("store", t_store), ("memory", t_memory), ("online", t_online))}
+    flops = flop_ratio(cfg, accelerator.unwrap_model(model).student, dims)
+    res = {"steps_per_s": {k: 1 / v for k, v in med.items()},
+           "store_over_memory": med["memory"] / med["store"], "store_speedup_over_online": med["online"] / med["store"],
+           "flops": flops, "batch": args.batch, "workers": args.workers,
+           "times_s": {"store": t_store, "memory": t_memory, "online": t_online}}
+    print_table(f"Training benchmark: ViT-Tiny/16 student, 3 x ViT-B/16 teachers, 224 px, batch {args.batch}, "
+                f"median step time", [
+        ("store  steps/s", f"{res['steps_per_s']['store']:.3f}"),
+        ("memory steps/s", f"{res['steps_per_s']['memory']:.3f}"),
+        ("online steps/s", f"{res['steps_per_s']['online']:.4f}"),
+        ("store / memory (goal >= 0.90)", f"{res['store_over_memory']:.3f}"),
+        ("store speed-up over online (goal >= 10)", f"{res['store_speedup_over_online']:.1f}x"),
+        ("FLOP ratio online / store", f"{flops['online_over_store']:.1f}x "
+                                      f"({flops['teacher_gflop']:.1f} + {flops['student_step_gflop']:.2f} GFLOP/img)"),
+    ])
+    print_json("distill", res)
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
