@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from store_schema.config import PipelineConfig, config_to_dict
+from store_schema.faults import fault_point
 from store_schema.fingerprint import flatten
 
 META_FILE, MODEL_FILE = "meta.json", "model.safetensors"
@@ -119,6 +122,7 @@ def save_checkpoint(accelerator, model: nn.Module, optimizer: torch.optim.Optimi
     if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()
         safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / MODEL_FILE)
+        fault_point("checkpoint_write")  # reliability tests: a kill with the checkpoint half-written
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)  # DDP: every rank holds the same state
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     accelerator.wait_for_everyone()
@@ -207,9 +211,36 @@ def check_resumable(ckpt: Path, cfg: PipelineConfig, world_size: int, num_worker
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rank: int) -> int:
     """Restore model (unwrapped), optimizer, scheduler and this rank's RNG; returns the step."""
-    state = safetensors.torch.load_file(ckpt / MODEL_FILE)
-    model.load_state_dict(state, strict=True)
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(ckpt / f"rng_rank{rank}.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(_read_checkpoint_file(ckpt, MODEL_FILE), strict=True)
+    optimizer.load_state_dict(_read_checkpoint_file(ckpt, OPTIMIZER_FILE))
+    scheduler.load_state_dict(_read_checkpoint_file(ckpt, SCHEDULER_FILE))
+    set_rng_state(_read_checkpoint_file(ckpt, f"rng_rank{rank}.pt"))
     return int(read_meta(ckpt)["step"])
+
+
+def _read_checkpoint_file(ckpt: Path, name: str) -> Any:
+    """safetensors, or torch.load(weights_only=True): a file that needs code to unpickle is refused
+    unexecuted, with a ResumeError naming it (torch's own message names neither file nor remedy)."""
+    path = ckpt / name
+    try:
+        if name.endswith(".safetensors"):
+            return safetensors.torch.load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = f"it holds pickled Python objects that torch.load(weights_only=True) refuses to execute ({_detail(e)})"
+    except FileNotFoundError:
+        why = "it is missing"
+    except Exception as e:  # safetensors' header errors, torch's "failed finding central directory", ...
+        why = f"it is not a readable {'safetensors' if name.endswith('.safetensors') else 'torch'} file ({_detail(e)})"
+    raise ResumeError(f"refusing to resume from {path}: {why}. The trainer did not leave it so: it was removed, "
+                      f"replaced or damaged. Move {ckpt} out of checkpoints/ to resume from the previous "
+                      "checkpoint, or start a new run (another train.run_dir)")
+
+
+def _detail(e: Exception) -> str:
+    """The global a refused pickle would call (torch's message buries it under advice to allow it), or
+    the error's first line."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if refused:
+        return f"it would call {refused.group(1)}"
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from safetensors import SafetensorError
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -77,9 +78,20 @@ def check_run_config(cfg: PipelineConfig, checkpoint_dir: Path) -> None:
                          f"pass --config {saved}")
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Refuse, by name, a weights file that is not safetensors (e.g. a pickle, which is never unpickled)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise ValueError(f"refusing to load {path}: it is not a safetensors file ({e}); it is never read as a "
+                         f"pickle. Use a checkpoint or export written by comad-distill") from e
+
+
 def student_state_dict(checkpoint_dir: str | Path) -> dict[str, Tensor]:
     """The `student.`-prefixed tensors of a checkpoint's model.safetensors, prefix stripped."""
     path = Path(checkpoint_dir) / WEIGHTS_FILE
+    check_safetensors(path)
     full = safetensors.torch.load_file(str(path), device="cpu")
     sd = {k[len(STUDENT_PREFIX):]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
     if not sd:
@@ -187,6 +199,7 @@ def load_export(out_dir: str | Path) -> tuple[VisionTransformer, dict[str, Any]]
         raise FileNotFoundError(f"{out_dir} is not a student export (needs config.json and {WEIGHTS_FILE}); "
                                 f"write one with `comad-distill export`")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    check_safetensors(weights)  # timm would raise its bare SafetensorError, naming no file
     model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=str(weights), num_classes=0),
                               **config["model_args"])

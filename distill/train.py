@@ -29,6 +29,7 @@ from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint,
                                 save_checkpoint)
 from distill.model import CoMADDistiller
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
+from store_schema.faults import fault_point
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,6 +97,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     applied = _all_finite(loss, accelerator)
     if applied:
         accelerator.backward(loss)
+        fault_point("train_step")  # reliability tests: a kill between backward and the update
         # Gradients are all-reduced by now, so every rank sees the same norm and decides alike.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         metrics["grad_norm"] = grad_norm.detach().float()

@@ -161,7 +161,9 @@ def load_state_dict_file(path: str) -> Mapping:
 def _unsafe_detail(e: Exception) -> str:
     """The line of torch's weights_only message that names the refused global, if any."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(e).__name__)
+    line = next((ln for ln in lines if "global" in ln.lower()), lines[0] if lines else type(e).__name__)
+    # torch goes on to suggest allow-listing the global; for code like `exec` that advice is the attack.
+    return line.split(" Please use `torch.serialization.add_safe_globals")[0]
 
 
 def state_dict_sha256(sd: Mapping[str, Tensor]) -> str:
