@@ -39,10 +39,10 @@ class CoMADDistiller(nn.Module):
     def __init__(self, cfg: PipelineConfig, teacher_dims: dict[str, int]) -> None:
         """teacher_dims: feature width of each teacher, in the order the gate stacks them."""
         super().__init__()
-        missing = sorted(set(cfg.teachers) - set(teacher_dims))
+        missing = sorted(set(cfg.distill_teachers) - set(teacher_dims))
         if missing:
             raise ValueError(f"no feature width for teacher(s) {missing}: the store does not hold them")
-        self.teacher_names = list(cfg.teachers)
+        self.teacher_names = cfg.distill_teachers
         self.student = build_student(cfg.student, cfg.data.image_size, cfg.data.patch_size)
         dim = self.student.embed_dim
         h = cfg.heads

@@ -81,6 +81,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.batch_size, self.window = cfg.train.batch_size, cfg.train.shuffle_window
         self.num_workers = max(1, cfg.train.num_workers)  # W logical workers
         self.num_views = store.num_views
+        self.teachers = cfg.distill_teachers  # only these teachers' bytes are read
         chunk = int(store.meta["chunk_samples"])  # the store's own chunking, not this config's
 
         # Blocks are fixed here, from the units complete now: workers must not list units again, or
@@ -169,7 +170,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
             block = int(order[k])
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
-            data = store.read_block(unit, start, stop, int(views[block]))
+            data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers)
             take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
             rows = self.kept_rows.get(block, np.arange(stop - start))[take]
             teachers = data["teachers"]

@@ -280,7 +280,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     dims = None if store is None else {t: store.teacher_meta(t).dim for t in store.teachers}
     stats = None
     if store is not None and (cfg.heads.adapter_init == "pca" or cfg.loss.standardize_targets):
-        stats = {t: store.teacher_stats(t) for t in cfg.teachers}
+        stats = {t: store.teacher_stats(t) for t in cfg.distill_teachers}
     live = None
     if cfg.train.targets == "online":
         from extract.online import LiveTeachers

@@ -5,7 +5,7 @@ extraction would store, instead of reading the store.
   `DataLoader(..., batch_size=None)` (or `online_loader`). Process r of W reads tars r, r+W, ... of
   cfg.data.urls; its DataLoader workers split those whole tars between them. The stream is endless: each
   worker passes over its tars again and again; pass e shows every sample once, at view e mod num_views
-  (views and masks come from extract.pipeline.prepare_view: the same seeds as extraction).
+  (views and masks come from extract.prepare.prepare_view: the same seeds as extraction).
 - Shuffling: per worker, tars in a seeded order per pass, then windows of
   max(B, shuffle_window // active workers, rounded down to a multiple of B) samples permuted by a seeded
   generator. Everything is a function of (config, rank, world size, number of workers, start_step):
@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from extract.masks import generator_for
-from extract.pipeline import load_teachers, prepare_view, teacher_forward
+from extract.pipeline import load_teachers
+from extract.prepare import prepare_view, teacher_forward
 from extract.shards import Sample, expand_urls, iter_tar
 from store_schema.config import PipelineConfig
 

@@ -23,6 +23,11 @@ Decisions a user meets:
 - data.batch_size counts images per teacher forward: a batch holds max(1, batch_size // num_views)
   samples of one tar, all views each.
 - The run summary is appended to the attributes of the store group `extract_runs` (key "runs").
+- A killed run (preempted, SIGKILL) is resumed by rerunning the same command: the dead process's lock is
+  taken over, incomplete units are redone. A decoding worker that dies alone stops the run with an
+  ExtractionError (exit 1), keeping the complete units. Fault points for the tests
+  (store_schema/faults.py): decode (in the worker, per decoded sample), teacher_forward (per call),
+  between_units (after a unit's commit); shard_write and stats_merge are in store_schema/store.py.
 """
 from __future__ import annotations
 
@@ -34,30 +39,28 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from zarr.core.sync import sync
 
-from extract.masks import draw_masks
-from extract.shards import ShardReadError, Skipped, expand_urls, iter_tar
+from extract.prepare import Chunk, PreparedTars, teacher_forward
+from extract.shards import ShardReadError, expand_urls
 from extract.teachers import load_teacher
-from extract.views import apply_view, draw_view
-from extract.vit_forward import forward_visible, patchify
 from store_schema.config import ConfigError, PipelineConfig
+from store_schema.faults import fault_point
 from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
-from store_schema.store import (UNIT_ATTR, FeatureStore, TeacherMeta, TeacherRows, UnitRows,
-                                UnitWriter, acquire_writer_lock, release_writer_lock, unit_name)
+from store_schema.store import (FeatureStore, TeacherMeta, TeacherRows, UnitRows, UnitWriter,
+                                acquire_writer_lock, release_writer_lock, unit_name)
+from store_schema.validate import RUNS_GROUP
 
 log = logging.getLogger("comad.extract")
-SUMMARY_GROUP = "extract_runs"
+SUMMARY_GROUP = RUNS_GROUP  # the run summaries: attrs["runs"], one dict per finished run
 WRITE_QUEUE_BATCHES = 8  # batches of rows waiting for the writer thread before the teachers wait
 # A process that finished its tars waits at the closing collective for the slowest one (a resumed run can
 # leave one process hours of work and another none); the 30-minute default would kill the run.
@@ -68,119 +71,7 @@ class ExtractionError(RuntimeError):
     """The run could not finish as asked (unreadable tars, too many skipped inputs, a failed process)."""
 
 
-# ---------------------------------------------------------------------------------------------- one view
-
-@dataclass
-class PreparedView:
-    params: np.ndarray  # (5,) float32 [top, left, height, width, flip]
-    image: torch.Tensor  # (3, S, S) uint8
-    student_idx: np.ndarray  # (Ks,) int64 sorted
-    teacher_idx: dict[str, np.ndarray]  # name -> (Kt,) int64 sorted
-    student_pixels: torch.Tensor  # (Ks, 3, p, p) uint8
-
-
-def prepare_view(cfg: PipelineConfig, image: Image.Image, key: str, view: int) -> PreparedView:
-    """View `view` of sample `key`: crop/flip, masks and the student's visible pixels (seeded, replayable)."""
-    params = draw_view(cfg, key, view, image.width, image.height)
-    img = apply_view(image, params, cfg.data.image_size, cfg.views.interpolation)
-    masks = draw_masks(cfg, key, view)
-    pixels = patchify(img[None], cfg.data.patch_size)[0][torch.from_numpy(masks.student)]
-    return PreparedView(params.to_array(), img, masks.student, masks.teachers, pixels.contiguous())
-
-
-def teacher_forward(model: torch.nn.Module, images: torch.Tensor, idx: torch.Tensor, mean: list[float],
-                    std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (B,3,H,W), visible indices (B,K) -> float32 cls (B,D), patch (B,K,D) on the model's device."""
-    dev = next(model.parameters()).device
-    x = images.to(dev, non_blocking=True).float().div_(255.0)
-    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
-    # no_grad, not inference_mode: online targets meet autograd tensors in the trainer's loss. Autocast off:
-    # targets are computed in float32 as extraction stores them, whatever the trainer's mixed precision.
-    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-        cls, patch = forward_visible(model, x, idx.to(dev))
-    return cls.float(), patch.float()
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-@dataclass
-class Chunk:
-    """Up to n prepared samples of one tar (all V views each) plus the tar's skip records since the last chunk."""
-    url: str
-    keys: list[str]
-    index: np.ndarray | None = None  # (m,) int64 ordinal in the tar
-    label: np.ndarray | None = None  # (m,) int64, -1 = no label
-    views: np.ndarray | None = None  # (m, V, 5) float32
-    images: torch.Tensor | None = None  # (m, V, 3, S, S) uint8
-    student_idx: np.ndarray | None = None  # (m, V, Ks) int64
-    student_pixels: torch.Tensor | None = None  # (m, V, Ks, 3, p, p) uint8
-    teacher_idx: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (m, V, Kt) int64
-    skips: list[tuple[int, str | None, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    last: bool = False  # the tar ends here
-    error: str | None = None  # the tar could not be read: discard the unit
-
-
-def _chunk(url: str, done: list, skips: list, notes: list, last: bool) -> Chunk:
-    if not done:
-        return Chunk(url, [], skips=skips, notes=notes, last=last)
-    views = [v for _, v in done]
-    return Chunk(
-        url, [k for (_, k, _), _ in done],
-        index=np.array([i for (i, _, _), _ in done], np.int64),
-        label=np.array([-1 if lab is None else lab for (_, _, lab), _ in done], np.int64),
-        views=np.stack([np.stack([v.params for v in vs]) for vs in views]),
-        images=torch.stack([torch.stack([v.image for v in vs]) for vs in views]),
-        student_idx=np.stack([np.stack([v.student_idx for v in vs]) for vs in views]),
-        student_pixels=torch.stack([torch.stack([v.student_pixels for v in vs]) for vs in views]),
-        teacher_idx={t: np.stack([np.stack([v.teacher_idx[t] for v in vs]) for vs in views])
-                     for t in views[0][0].teacher_idx},
-        skips=skips, notes=notes, last=last)
-
-
-def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterator[Chunk]:
-    """Every sample of one tar, prepared, in order; the last chunk has last=True (or error set)."""
-    done: list = []
-    skips: list[tuple[int, str | None, str]] = []
-    notes: list[str] = []
-    seen = 0
-    try:
-        for item in iter_tar(url, cfg.data.max_image_pixels):
-            seen += 1
-            if isinstance(item, Skipped):
-                skips.append((item.index, item.key, item.reason))
-                continue
-            if item.note:
-                notes.append(f"{url}[{item.index}] {item.key}: {item.note}")
-            try:
-                views = [prepare_view(cfg, item.image, item.key, v) for v in range(cfg.views.num_views)]
-            except ValueError as e:  # e.g. a view box that rounds to nothing
-                skips.append((item.index, item.key, f"cannot make views: {e}"))
-                continue
-            done.append(((item.index, item.key, item.label), views))
-            if len(done) == samples_per_chunk:
-                yield _chunk(url, done, skips, notes, last=False)
-                done, skips, notes = [], [], []
-    except ShardReadError as e:
-        yield Chunk(url, [], last=True, error=str(e))
-        return
-    if seen == 0:
-        skips.append((0, None, "empty tar: no samples"))
-    yield _chunk(url, done, skips, notes, last=True)
-
-
-class PreparedTars(IterableDataset):
-    """Chunks of the given tars; DataLoader workers split the tars between them (whole tars each)."""
-
-    def __init__(self, cfg: PipelineConfig, urls: list[str], samples_per_chunk: int):
-        self.cfg, self.urls, self.samples_per_chunk = cfg, list(urls), samples_per_chunk
-
-    def __iter__(self) -> Iterator[Chunk]:
-        info = get_worker_info()
-        urls = self.urls if info is None else self.urls[info.id::info.num_workers]
-        for url in urls:
-            yield from tar_chunks(self.cfg, url, self.samples_per_chunk)
-
+# ---------------------------------------------------------------------------------------------- loading
 
 def _identity(x: Any) -> Any:
     return x
@@ -251,18 +142,12 @@ class BackgroundWriter:
             info = self.writers.pop(url).commit()
             self.committed.append({"url": url, "unit": info.name, "n_samples": info.n_samples,
                                    "bytes": _stored_bytes(self.store, f"units/{info.name}")})
+            fault_point("between_units")  # the unit is complete; the next one has not started writing
         elif op == "fail":
-            self.writers.pop(url, None)
-            record_failed_unit(self.store, url, args[0])
+            writer = self.writers.pop(url, None) or UnitWriter(self.store, url)
+            writer.fail(args[0])
         else:
             raise ValueError(f"unknown writer message {op!r}")
-
-
-def record_failed_unit(store: FeatureStore, url: str, reason: str) -> None:
-    """A unit that is not complete (redone on the next run) but says why, for `comad-store inspect`."""
-    w = UnitWriter(store, url)  # replaces whatever an earlier attempt left
-    w.group.attrs.put({UNIT_ATTR: {"source": url, "status": "failed", "n_samples": 0, "keys": [],
-                                   "skipped": [{"index": 0, "key": None, "reason": reason}]}})
 
 
 def _stored_bytes(store: FeatureStore, path: str) -> int:
@@ -447,9 +332,15 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
                 writer.put(("commit", url))
                 progress.tar_done(out["images"])
                 _check_failures(cfg, stored, skipped)
-    except BaseException:
-        writer.close(check=False)
+    except BaseException as e:
+        writer.close(check=False)  # units whose commit is already queued still complete
         progress.bar.close()
+        if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):  # torch's words for a dead worker
+            # Blocked on the data queue, torch reports "exited unexpectedly"; how it died is in the cause.
+            how = f"{e}: {e.__cause__}" if isinstance(e.__cause__, RuntimeError) else str(e)
+            raise ExtractionError(f"a decoding worker died: {how.strip().rstrip('.')} (e.g. for memory?). Complete "
+                                  "units are kept; rerun the same command to resume (fewer data.num_workers uses "
+                                  "less memory).") from e
         raise
     writer.close()
     progress.bar.close()
@@ -502,6 +393,7 @@ def _teacher_rows(cfg: PipelineConfig, models: dict[str, torch.nn.Module], c: Ch
         tc = cfg.teachers[name]
         idx = c.teacher_idx[name]  # (m, V, Kt)
         cls, patch = teacher_forward(model, images, torch.from_numpy(idx.reshape(m * V, -1)), tc.mean, tc.std)
+        fault_point("teacher_forward")
         patch = patch.cpu().numpy().reshape(m, V, idx.shape[-1], -1)
         cls = cls.cpu().numpy().reshape(m, V, -1)
         finite = np.isfinite(patch).all(axis=(1, 2, 3)) & np.isfinite(cls).all(axis=(1, 2))

@@ -62,10 +62,14 @@ def format_inspect(info: dict[str, Any]) -> str:
         per_view = _size(info["bytes_per_view_by_part"][t])
         lines.append(f"  {t:<12}{tm['dim']:>6}{tm['tokens']:>8}{per_view:>12}  {info['stats_finalised'][t]}")
     for x in u["incomplete_units"]:
-        lines.append(f"incomplete  {x['unit']}  {x['source']}")
+        if x["status"] == "failed":
+            lines.append(f"failed      {x['unit']}  {x['source']}: {x['reason']}")
+        else:
+            lines.append(f"incomplete  {x['unit']}  {x['source']} (status {x['status']})")
     lines.append(f"skipped     {len(info['skipped'])} inputs")
     for s in info["skipped"]:
         lines.append(f"  {s['source']} #{s.get('index')} {s.get('key')}: {s.get('reason')}")
+    lines += _format_last_run(info["last_run"], info["runs"])
     if info["lock"]:
         lk = info["lock"]
         lines.append(f"lock        held by run {lk.get('run_id')} on {lk.get('host')} (pid {lk.get('pid')}, "
@@ -73,11 +77,31 @@ def format_inspect(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_last_run(run: dict[str, Any] | None, n_runs: int) -> list[str]:
+    """The newest extract_runs summary in a few lines (a summary lacking a field shows '?' there)."""
+    if run is None:
+        return ["last run    none recorded (no extraction has finished on this store)"]
+    g = lambda k: run.get(k, "?")  # noqa: E731
+    failed = run.get("tars_failed", [])
+    lines = [
+        f"last run    {g('run_id')} finished {g('finished')} ({n_runs} run(s) recorded), {g('world_size')} process(es)",
+        f"  tars      {g('tars')}: {g('tars_extracted')} extracted, {g('tars_already_complete')} already complete, "
+        f"{len(failed) if isinstance(failed, list) else failed} failed",
+        f"  images    {g('images')} ({g('views')} views) in {g('seconds')} s, {g('images_per_s')} images/s; "
+        f"{g('skipped')} skipped, {g('duplicate_keys_excluded')} duplicate keys excluded",
+    ]
+    by_reason = run.get("skipped_by_reason") or {}
+    if isinstance(by_reason, dict) and by_reason:
+        lines.append("  reasons   " + ", ".join(f"{k}: {v}" for k, v in by_reason.items()))
+    lines += [f"  error     {e}" for e in run.get("errors", [])]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="comad-store", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, what in (("inspect", "samples, views, teachers, sizes, skipped inputs"),
+    for name, what in (("inspect", "samples, views, teachers, sizes, skipped inputs, the last extraction run"),
                        ("validate", "check every array of every complete unit; exit 1 on problems")):
         p = sub.add_parser(name, help=what)
         p.add_argument("root", help="store root: a local path or an fsspec URL (s3://bucket/prefix)")

@@ -125,6 +125,7 @@ class TrainConfig:
     mixed_precision: str
     targets: str
     max_nonfinite_steps: int  # consecutive skipped steps before the run stops
+    teachers: list[str]  # distill from these teachers of the store only; empty: all (single-teacher ablations)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,11 @@ class PipelineConfig:
 
     def teacher_tokens(self, name: str) -> int:
         return visible_count(self.teachers[name].visible, self.num_patches)
+
+    @property
+    def distill_teachers(self) -> list[str]:
+        """The teachers stage 2 distills from: train.teachers, or every configured teacher."""
+        return list(self.train.teachers) or list(self.teachers)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -404,6 +410,10 @@ def validate(cfg: PipelineConfig) -> None:
     check(tr.checkpoint_every >= 1 and tr.keep_checkpoints >= 1 and tr.log_every >= 1,
           "train.checkpoint_every, keep_checkpoints and log_every must be >= 1")
     check(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+    for t in tr.teachers:
+        check(t in cfg.teachers, f"train.teachers names {t!r}, which is not a configured teacher; "
+                                 f"choose from {', '.join(cfg.teachers)} (or [] for all)")
+    check(len(set(tr.teachers)) == len(tr.teachers), "train.teachers lists a teacher twice")
     e = cfg.eval
     check(all(k >= 1 for k in e.knn_k) and len(e.knn_k) > 0, "eval.knn_k must list positive integers")
     check(e.knn_temperature > 0, "eval.knn_temperature must be > 0")

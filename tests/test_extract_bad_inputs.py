@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import extract.pipeline as pipeline
+import extract.prepare as prepare
 from _extract_fixtures import all_rows, extract_config
 from extract.pipeline import SUMMARY_GROUP, ExtractionError, run_extraction
 from store_schema.store import FeatureStore, unit_name
@@ -23,14 +23,14 @@ def black_png() -> bytes:
 
 def nan_on_constant_images(monkeypatch):
     """Teachers return NaN for constant images (stand-in for a teacher that overflows on some inputs)."""
-    real = pipeline.forward_visible
+    real = prepare.forward_visible
 
     def fake(model, images, keep_idx):
         cls, patch = real(model, images, keep_idx)
         const = (images.amax(dim=(2, 3)) == images.amin(dim=(2, 3))).all(dim=1)  # (B,) flat in every channel
         return cls.masked_fill(const[:, None], float("nan")), patch.masked_fill(const[:, None, None], float("inf"))
 
-    monkeypatch.setattr(pipeline, "forward_visible", fake)
+    monkeypatch.setattr(prepare, "forward_visible", fake)
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_failure_fraction_exceeded_stops_the_run(tmp_path):
 
 def test_non_finite_check_covers_patch_tokens(tmp_path, monkeypatch):
     """A NaN in a single patch token of one view is enough to skip that sample (and only it)."""
-    real = pipeline.forward_visible
+    real = prepare.forward_visible
     calls = {"n": 0}
 
     def fake(model, images, keep_idx):
@@ -144,7 +144,7 @@ def test_non_finite_check_covers_patch_tokens(tmp_path, monkeypatch):
             patch[3, -1, 0] = float("nan")
         return cls, patch
 
-    monkeypatch.setattr(pipeline, "forward_visible", fake)
+    monkeypatch.setattr(prepare, "forward_visible", fake)
     tar = write_tar(tmp_path / "data" / "t.tar", good_samples(4))
     run_extraction(extract_config(tmp_path, [tar]))
     store = FeatureStore.open(str(tmp_path / "store"))

@@ -277,3 +277,16 @@ def test_online_targets_train_from_live_teachers_without_a_store(tmp_path):
     assert summary["step"] == 2 and math.isfinite(summary["last_metrics"]["loss"])
     with pytest.raises(ConfigError, match="adapter_init = \"random\""):
         train(extract_config(tmp_path, tars, online + [f'train.run_dir="{tmp_path}/pca"']))  # pca needs stats
+
+
+def test_single_teacher_student_from_the_three_teacher_store(store_root):
+    """train.teachers picks a subset of the store's teachers: single-teacher ablations need no new store."""
+    cfg = _cfg(store_root, ['train.teachers=["mocov3"]'])
+    batch = _batch(cfg)
+    assert list(batch["teacher_patch"]) == ["mocov3"]  # only that teacher's bytes are read
+    model, _ = _model(cfg)
+    assert list(model.adapters) == ["mocov3"]
+    loss, metrics = model(batch)
+    assert torch.isfinite(loss) and float(metrics["gate_weight/mocov3"]) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="train.teachers names 'dino'"):
+        _cfg(store_root, ['train.teachers=["dino"]'])
