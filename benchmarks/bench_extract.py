@@ -26,8 +26,8 @@ from extract.shards import Sample, expand_urls, iter_tar
 from extract.teachers import load_teacher
 from extract.views import apply_view, sample_view
 from extract.vit_forward import forward_visible
-from store_schema.store import FeatureStore, UnitWriter, unit_name
-from store_schema.store import TeacherRows, UnitRows
+from store_schema.store import FeatureStore
+from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
 
 def normalise(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

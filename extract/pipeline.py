@@ -3,7 +3,7 @@
 The unit of work is one input tar: rank r of W processes takes tars r, r+W, ... whole, so no two
 processes ever write into one unit (DESIGN §4). Three things overlap: DataLoader workers decode tars
 and prepare views, masks and student pixels; the main thread runs the teachers; a background thread
-writes the units (zarr compression and I/O).
+writes the units (zarr compression and I/O; extract/writer_thread.py).
 
 Decisions a user meets:
 - A complete unit is skipped on a rerun (resume); an incomplete one is redone from scratch.
@@ -27,15 +27,14 @@ Decisions a user meets:
   taken over, incomplete units are redone. A decoding worker that dies alone stops the run with an
   ExtractionError (exit 1), keeping the complete units. Fault points for the tests
   (store_schema/faults.py): decode (in the worker, per decoded sample), teacher_forward (per call),
-  between_units (after a unit's commit); shard_write and stats_merge are in store_schema/store.py.
+  between_units (after a unit's commit); shard_write is in store_schema/writer.py, stats_merge in
+  store_schema/store.py.
 """
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
-import threading
 import time
 import uuid
 from collections import Counter
@@ -47,28 +46,24 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from zarr.core.sync import sync
 
 from extract.prepare import Chunk, PreparedTars, teacher_forward
 from extract.shards import ShardReadError, expand_urls
 from extract.teachers import load_teacher
+from extract.writer_thread import BackgroundWriter, ExtractionError
 from store_schema.config import ConfigError, PipelineConfig
 from store_schema.faults import fault_point
 from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
-from store_schema.store import (FeatureStore, TeacherMeta, TeacherRows, UnitRows, UnitWriter,
-                                acquire_writer_lock, release_writer_lock, unit_name)
-from store_schema.validate import RUNS_GROUP
+from store_schema.inspection import RUNS_GROUP
+from store_schema.lock import acquire_writer_lock, release_writer_lock
+from store_schema.store import FeatureStore, TeacherMeta, unit_name
+from store_schema.writer import TeacherRows, UnitRows
 
 log = logging.getLogger("comad.extract")
 SUMMARY_GROUP = RUNS_GROUP  # the run summaries: attrs["runs"], one dict per finished run
-WRITE_QUEUE_BATCHES = 8  # batches of rows waiting for the writer thread before the teachers wait
 # A process that finished its tars waits at the closing collective for the slowest one (a resumed run can
 # leave one process hours of work and another none); the 30-minute default would kill the run.
 COLLECTIVE_TIMEOUT = timedelta(days=7)
-
-
-class ExtractionError(RuntimeError):
-    """The run could not finish as asked (unreadable tars, too many skipped inputs, a failed process)."""
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -79,80 +74,6 @@ def _identity(x: Any) -> Any:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode with PIL; torch threads would only fight the teachers for cores
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-class BackgroundWriter:
-    """Writes units in a thread. Messages: (op, url, *args), op in open/rows/skip/commit/fail.
-
-    A failure in the thread is raised by the next `put` or by `close`, so the run stops on it.
-    """
-
-    def __init__(self, store: FeatureStore, maxsize: int = WRITE_QUEUE_BATCHES):
-        self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize)
-        self.error: BaseException | None = None
-        self.committed: list[dict[str, Any]] = []  # {url, unit, n_samples, bytes}
-        self.writers: dict[str, UnitWriter] = {}
-        self.thread = threading.Thread(target=self._run, name="comad-store-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, msg: tuple | None) -> None:
-        """Queue a message (None: stop); raises the thread's failure instead once there is one."""
-        while True:
-            if msg is not None:
-                self.raise_failure()
-            try:
-                return self.queue.put(msg, timeout=0.2)  # the thread drains even after a failure: no deadlock
-            except queue.Full:
-                continue
-
-    def close(self, check: bool = True) -> None:
-        """Write everything queued and stop the thread; with `check`, raise its failure if any."""
-        self.put(None)
-        self.thread.join()
-        if check:
-            self.raise_failure()
-
-    def raise_failure(self) -> None:
-        if self.error is not None:
-            raise ExtractionError(f"the store writer failed: {type(self.error).__name__}: {self.error}") from self.error
-
-    def _run(self) -> None:
-        while True:
-            msg = self.queue.get()
-            if msg is None:
-                return
-            if self.error is not None:
-                continue  # drain so that the producer never blocks; nothing more is written
-            try:
-                self._handle(*msg)
-            except BaseException as e:  # noqa: BLE001 — re-raised in the main thread
-                self.error = e
-
-    def _handle(self, op: str, url: str, *args: Any) -> None:
-        if op == "open":
-            self.writers[url] = UnitWriter(self.store, url)
-        elif op == "rows":
-            self.writers[url].append(args[0])
-        elif op == "skip":
-            self.writers[url].skip(*args)
-        elif op == "commit":
-            info = self.writers.pop(url).commit()
-            self.committed.append({"url": url, "unit": info.name, "n_samples": info.n_samples,
-                                   "bytes": _stored_bytes(self.store, f"units/{info.name}")})
-            fault_point("between_units")  # the unit is complete; the next one has not started writing
-        elif op == "fail":
-            writer = self.writers.pop(url, None) or UnitWriter(self.store, url)
-            writer.fail(args[0])
-        else:
-            raise ValueError(f"unknown writer message {op!r}")
-
-
-def _stored_bytes(store: FeatureStore, path: str) -> int:
-    prefix = f"{store.group.path}/{path}" if store.group.path else path
-    return int(sync(store.group.store.getsize_prefix(prefix)))
 
 
 # ---------------------------------------------------------------------------------------------- processes

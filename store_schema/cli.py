@@ -11,7 +11,8 @@ from typing import Any
 
 from .fingerprint import StoreMismatchError
 from .store import StoreError
-from .validate import inspect_store, validate_store
+from .inspection import inspect_store
+from .validate import validate_store
 
 
 def parse_storage_options(items: list[str]) -> dict[str, Any] | None:

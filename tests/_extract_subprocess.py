@@ -30,7 +30,8 @@ def slow_run(tmp: str, delay: str, *tars: str) -> None:
 
 
 def hold_lock(root: str) -> None:
-    from store_schema.store import FeatureStore, acquire_writer_lock
+    from store_schema.lock import acquire_writer_lock
+    from store_schema.store import FeatureStore
 
     acquire_writer_lock(FeatureStore.open(root, mode="r+"), "holder-run")
     print("locked", flush=True)

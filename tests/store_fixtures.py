@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from store_schema.config import PipelineConfig
-from store_schema.store import FeatureStore, TeacherMeta, TeacherRows, UnitRows, UnitWriter
+from store_schema.store import FeatureStore, TeacherMeta
+from store_schema.writer import TeacherRows, UnitRows, UnitWriter, split_rows
 
 TEACHER_DIM = 32
 
@@ -50,10 +51,9 @@ def write_unit(store: FeatureStore, cfg: PipelineConfig, source: str, n: int, se
     keys = [f"{source.rsplit('/', 1)[-1]}-{i:05d}" for i in range(n)]
     rows = make_rows(cfg, keys, rng)
     w = UnitWriter(store, source)
-    from store_schema.store import _split
     rest = rows
     while len(rest):
-        head, rest = _split(rest, min(batch, len(rest)))
+        head, rest = split_rows(rest, min(batch, len(rest)))
         w.append(head)
     w.commit()
     return rows

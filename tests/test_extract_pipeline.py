@@ -16,7 +16,8 @@ from extract.pipeline import SUMMARY_GROUP, ExtractionError, run_extraction
 from extract.teachers import load_teacher
 from extract.views import ViewParams, apply_view, draw_view
 from extract.vit_forward import forward_visible, patchify
-from store_schema.store import FeatureStore, UnitWriter, unit_name
+from store_schema.store import FeatureStore, unit_name
+from store_schema.writer import UnitWriter
 
 SIZES = [5, 3, 6]  # samples per tar; batch_size 8 with 2 views = 4 samples per forward, so tars span batches
 

@@ -14,7 +14,8 @@ import pytest
 
 from _extract_fixtures import all_rows, extract_config, write_tars
 from extract.pipeline import SUMMARY_GROUP, run_extraction
-from store_schema.store import LOCK_KEY, FeatureStore, StoreError, unit_name
+from store_schema.lock import LOCK_KEY
+from store_schema.store import FeatureStore, StoreError, unit_name
 
 HELPER = Path(__file__).resolve().parent / "_extract_subprocess.py"
 REPO = Path(__file__).resolve().parents[1]

@@ -27,8 +27,11 @@ from extract.cli import main as extract_cli
 from extract.pipeline import ExtractionError, run_extraction
 from store_schema.cli import main as store_cli
 from store_schema.config import dumps_toml
-from store_schema.store import LOCK_KEY, FeatureStore, UnitWriter, unit_name
-from store_schema.validate import RUNS_GROUP, inspect_store, validate_store
+from store_schema.lock import LOCK_KEY
+from store_schema.store import FeatureStore, unit_name
+from store_schema.inspection import RUNS_GROUP, inspect_store
+from store_schema.validate import validate_store
+from store_schema.writer import UnitWriter
 from store_fixtures import make_rows, teacher_meta
 from wds_fixtures import good_samples, write_tar
 

@@ -10,8 +10,9 @@ import zarr
 
 from store_schema.codec import decode_features, encode_features
 from store_schema.fingerprint import StoreMismatchError, fingerprint_from_config
-from store_schema.store import (FeatureStore, StoreError, TeacherMeta, UnitWriter, acquire_writer_lock,
-                                release_writer_lock, unit_name)
+from store_schema.lock import acquire_writer_lock, release_writer_lock
+from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
+from store_schema.writer import UnitWriter
 from store_fixtures import heavy_tailed, make_rows, teacher_meta, write_unit
 from conftest import tiny_config
 

@@ -14,8 +14,10 @@ import zarr
 
 from store_schema.cli import main
 from store_schema.codec import compressors_for
-from store_schema.store import FeatureStore, UnitWriter, unit_name
-from store_schema.validate import inspect_store, validate_store
+from store_schema.store import FeatureStore, unit_name
+from store_schema.inspection import inspect_store
+from store_schema.validate import validate_store
+from store_schema.writer import UnitWriter
 from store_fixtures import make_rows, teacher_meta, write_unit
 from conftest import REPO, tiny_config
 

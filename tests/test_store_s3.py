@@ -17,9 +17,10 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from store_schema.store import (FeatureStore, StoreError, acquire_writer_lock,  # noqa: E402
-                                release_writer_lock, unit_name)
-from store_schema.validate import inspect_store, validate_store  # noqa: E402
+from store_schema.lock import acquire_writer_lock, release_writer_lock  # noqa: E402
+from store_schema.store import FeatureStore, StoreError, unit_name  # noqa: E402
+from store_schema.inspection import inspect_store  # noqa: E402
+from store_schema.validate import validate_store  # noqa: E402
 from store_fixtures import teacher_meta, write_unit  # noqa: E402
 from conftest import REPO, tiny_config  # noqa: E402
 

@@ -1,0 +1,261 @@
+"""Writing the teacher-feature store: one unit (one input tar) at a time, whole shards per call.
+
+The write rules are in store_schema/store.py's docstring and store_schema/README.md ("Completion
+protocol"): a unit is written by one process into its own group, shard-aligned, and is complete only
+once its completion record is written after every array of it is durable.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from .codec import compressors_for, encode_features
+from .faults import fault_point
+from .stats import RunningStats
+from .store import (TEACHER_ATTR, UNIT_ATTR, VIEW_PARAMS, FeatureStore, StoreError, UnitInfo, _check_indices,
+                    local_dir, unit_name)
+
+# What a read returns where a chunk is missing: impossible values, so a lost shard can never pass as data
+# (uint8 pixels have no impossible value; shard presence is checked separately, see FeatureStore.missing_shards).
+_MISSING = {"float32": np.nan, "float16": np.nan, "int32": -1, "int64": -1, "int8": 0, "uint8": 0}
+
+
+@dataclass
+class TeacherRows:
+    idx: np.ndarray  # (m, V, Kt) visible token indices, sorted
+    patch: np.ndarray  # (m, V, Kt, D) float32 features after the final norm
+    cls: np.ndarray  # (m, V, D) float32
+
+
+@dataclass
+class UnitRows:
+    """m samples of one unit, all V views each. Base fields are None when only adding a teacher."""
+    keys: list[str]
+    index: np.ndarray  # (m,) int64 ordinal of the sample in its tar
+    label: np.ndarray | None  # (m,) int64, -1 where the sample has no `cls`
+    views: np.ndarray | None  # (m, V, 5) float32
+    student_idx: np.ndarray | None  # (m, V, Ks)
+    student_pixels: np.ndarray | None  # (m, V, Ks, 3, p, p) uint8
+    teachers: dict[str, TeacherRows] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class UnitWriter:
+    """Writes one unit (one input tar): buffers rows, writes whole shards, then the completion record.
+
+    With `teachers=[name]` on a complete unit it only adds that teacher's arrays (rows are matched to
+    the stored keys, never by position alone).
+    """
+
+    def __init__(self, store: FeatureStore, source_url: str, teachers: list[str] | None = None):
+        self.store, self.source = store, source_url
+        self.name = unit_name(source_url)
+        self.path = f"units/{self.name}"
+        self.teachers = list(teachers) if teachers is not None else store.teachers
+        self.base = teachers is None
+        m = store.meta
+        self.V, self.shard, self.chunk = m["num_views"], m["shard_samples"], m["chunk_samples"]
+        self.dtype = m["dtype"]
+        self.compressors = compressors_for(m["compression"], m["compression_level"])
+        units = store.group["units"]
+        if self.base:
+            if self.name in units:  # an interrupted earlier attempt: redo from scratch
+                _delete_dir(store, self.path)
+            self.group = units.create_group(self.name, attributes={UNIT_ATTR: {"source": source_url, "status": "writing"}})
+            self.stored_keys = None
+        else:
+            if not store.is_complete(source_url, teachers=[]):
+                raise StoreError(f"cannot add teachers to unit {self.name} ({source_url}): its base data is incomplete")
+            self.group = units[self.name]
+            self.stored_keys = store.keys(self.name)
+            for t in self.teachers:
+                if f"teachers/{t}" in self.group:
+                    _delete_dir(store, f"{self.path}/teachers/{t}")
+        self._arrays: dict[str, zarr.Array] = {}
+        self._create_arrays()
+        self.stats = {t: RunningStats(store.teacher_meta(t).dim) for t in self.teachers}
+        self.buffer: list[UnitRows] = []
+        self.buffered = 0
+        self.written = 0
+        self.keys: list[str] = []
+        self.skips: list[dict[str, Any]] = []
+
+    def _new(self, path: str, row_shape: tuple[int, ...], dtype: str, per_view: bool = True) -> None:
+        lead = (0, self.V) if per_view else (0,)
+        chunks = (self.chunk, 1, *row_shape) if per_view else (self.chunk,)
+        shards = (self.shard, self.V, *row_shape) if per_view else (self.shard,)
+        self._arrays[path] = self.group.create_array(
+            path, shape=lead + row_shape, chunks=chunks, shards=shards, dtype=dtype,
+            compressors=self.compressors, fill_value=_MISSING[dtype],
+            config={"write_empty_chunks": True})  # an all-fill shard (unlabelled: all -1) must exist too
+
+    def _create_arrays(self) -> None:
+        m = self.store.meta
+        p, ks = m["patch_size"], m["student_tokens"]
+        if self.base:
+            self._new("index", (), "int64", per_view=False)
+            self._new("label", (), "int64", per_view=False)
+            self._new("views", (VIEW_PARAMS,), "float32")
+            self._new("student_idx", (ks,), "int32")
+            self._new("student_pixels", (ks, 3, p, p), "uint8")
+        for t in self.teachers:
+            tm = self.store.teacher_meta(t)
+            self.group.create_group(f"teachers/{t}", attributes={TEACHER_ATTR: {"status": "writing"}})
+            self._new(f"teachers/{t}/idx", (tm.tokens,), "int32")
+            self._new(f"teachers/{t}/patch", (tm.tokens, tm.dim), self.dtype)
+            self._new(f"teachers/{t}/cls", (tm.dim,), self.dtype)
+            if self.dtype == "int8":
+                self._new(f"teachers/{t}/patch_scale", (tm.tokens,), "float32")
+                self._new(f"teachers/{t}/cls_scale", (), "float32")
+
+    def append(self, rows: UnitRows) -> None:
+        if len(rows) == 0:
+            return
+        self._check(rows)
+        for t in self.teachers:
+            self.stats[t].update(rows.teachers[t].patch.reshape(-1, rows.teachers[t].patch.shape[-1]))
+        self.keys += rows.keys
+        self.buffer.append(rows)
+        self.buffered += len(rows)
+        while self.buffered >= self.shard:
+            self._flush(self.shard)
+
+    def skip(self, index: int, key: str | None, reason: str) -> None:
+        self.skips.append({"index": int(index), "key": key, "reason": reason})
+
+    def commit(self) -> UnitInfo:
+        """Write the last partial shard, the statistics, and then — once durable — the completion records."""
+        if self.buffered:
+            self._flush(self.buffered)
+        if self.stored_keys is not None and self.keys != self.stored_keys:
+            raise StoreError(f"unit {self.name}: the new teacher's rows do not cover the stored keys exactly "
+                             f"({len(self.keys)} rows for {len(self.stored_keys)} stored samples)")
+        for t, s in self.stats.items():
+            tp = f"teachers/{t}"
+            self.group.create_array(f"{tp}/stats_mean", data=s.mean, chunks=s.mean.shape, compressors=None)
+            self.group.create_array(f"{tp}/stats_m2", data=s.m2, chunks=s.m2.shape, compressors=None)
+        _fsync_tree(self.store, self.path)
+        for t, s in self.stats.items():
+            self.group[f"teachers/{t}"].attrs.put({TEACHER_ATTR: {"status": "complete", "count": s.count}})
+        if self.base:
+            self.group.attrs.put({UNIT_ATTR: {"source": self.source, "status": "complete", "n_samples": self.written,
+                                              "keys": self.keys, "skipped": self.skips,
+                                              "write_id": uuid.uuid4().hex}})
+        return self.store.unit_info(self.name)
+
+    def fail(self, reason: str) -> None:
+        """Record that this unit could not be written and why; it stays incomplete (redone on resume).
+
+        The unit's rows written so far are dropped: its group keeps only the record (status "failed",
+        the reason as its one skip record, which `store.skipped()` and `comad-store inspect` show).
+        When only adding teachers, the base data stays and those teachers are marked failed.
+        """
+        if not self.base:
+            for t in self.teachers:
+                self.group[f"teachers/{t}"].attrs.put({TEACHER_ATTR: {"status": "failed", "reason": reason}})
+            return
+        _delete_dir(self.store, self.path)
+        self.group = self.store.group["units"].create_group(self.name, attributes={UNIT_ATTR: {
+            "source": self.source, "status": "failed", "n_samples": 0, "keys": [],
+            "skipped": [{"index": 0, "key": None, "reason": reason}]}})
+        self._arrays, self.buffer, self.buffered = {}, [], 0
+
+    def _check(self, rows: UnitRows) -> None:
+        m = len(rows)
+        if self.stored_keys is not None:
+            expect = self.stored_keys[len(self.keys):len(self.keys) + m]
+            if rows.keys != expect:
+                raise StoreError(f"unit {self.name}: rows arrive with keys {rows.keys[:3]}... but the store holds "
+                                 f"{expect[:3]}... at that position; re-read the same tar in the same order")
+        for t in self.teachers:
+            tr = rows.teachers.get(t)
+            if tr is None:
+                raise StoreError(f"unit {self.name}: rows lack teacher {t!r}")
+            if not (np.isfinite(tr.patch).all() and np.isfinite(tr.cls).all()):
+                raise StoreError(f"unit {self.name}: non-finite features of teacher {t!r}; skip those samples first")
+            if self.dtype == "float16" and max(np.abs(tr.patch).max(initial=0), np.abs(tr.cls).max(initial=0)) > 65504:
+                raise StoreError(f"unit {self.name}: teacher {t!r} features exceed the float16 range (65504); "
+                                 "set store.dtype to float32 or int8")
+            _check_indices(tr.idx, int(self.store.meta["num_patches"]), f"unit {self.name} teachers/{t}/idx")
+        if rows.student_idx is not None:
+            _check_indices(rows.student_idx, int(self.store.meta["num_patches"]), f"unit {self.name} student_idx")
+
+    def _flush(self, n: int) -> None:
+        rows = _concat(self.buffer)
+        head, tail = split_rows(rows, n)
+        self.buffer, self.buffered = ([tail], len(tail)) if len(tail) else ([], 0)
+        a, b = self.written, self.written + n
+        data: dict[str, np.ndarray] = {}
+        if self.base:
+            data.update(index=head.index, label=head.label, views=head.views,
+                        student_idx=head.student_idx, student_pixels=head.student_pixels)
+        for t in self.teachers:
+            tr = head.teachers[t]
+            patch, pscale = encode_features(tr.patch, self.dtype)
+            cls, cscale = encode_features(tr.cls, self.dtype)
+            data[f"teachers/{t}/idx"], data[f"teachers/{t}/patch"], data[f"teachers/{t}/cls"] = tr.idx, patch, cls
+            if pscale is not None:
+                data[f"teachers/{t}/patch_scale"], data[f"teachers/{t}/cls_scale"] = pscale, cscale
+        for i, (path, value) in enumerate(data.items()):
+            arr = self._arrays[path]
+            arr.resize((b, *arr.shape[1:]))
+            arr[a:b] = value  # one whole shard (or the unit's last, partial one) per call
+            if i == 0:
+                fault_point("shard_write")
+        self.written = b
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _concat(parts: list[UnitRows]) -> UnitRows:
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
+    return UnitRows(
+        keys=[k for p in parts for k in p.keys], index=cat([p.index for p in parts]),
+        label=cat([p.label for p in parts]), views=cat([p.views for p in parts]),
+        student_idx=cat([p.student_idx for p in parts]), student_pixels=cat([p.student_pixels for p in parts]),
+        teachers={t: TeacherRows(*(np.concatenate([getattr(p.teachers[t], f) for p in parts])
+                                   for f in ("idx", "patch", "cls"))) for t in parts[0].teachers})
+
+
+def split_rows(rows: UnitRows, n: int) -> tuple[UnitRows, UnitRows]:
+    """(the first n rows, the rest); a view of the arrays, not a copy."""
+    def cut(x, sl):
+        return None if x is None else x[sl]
+    halves = []
+    for sl in (slice(0, n), slice(n, None)):
+        halves.append(UnitRows(
+            keys=rows.keys[sl], index=cut(rows.index, sl), label=cut(rows.label, sl), views=cut(rows.views, sl),
+            student_idx=cut(rows.student_idx, sl), student_pixels=cut(rows.student_pixels, sl),
+            teachers={t: TeacherRows(tr.idx[sl], tr.patch[sl], tr.cls[sl]) for t, tr in rows.teachers.items()}))
+    return halves[0], halves[1]
+
+
+def _delete_dir(store: FeatureStore, path: str) -> None:
+    zstore = store.group.store
+    prefix = store.group.path
+    full = f"{prefix}/{path}" if prefix else path
+    sync(zstore.delete_dir(full))
+
+
+def _fsync_tree(store: FeatureStore, path: str) -> None:
+    """Make a unit's files durable before its completion record (object stores are durable on PUT)."""
+    base = local_dir(store, path)
+    if base is None:
+        return
+    for dirpath, _, files in os.walk(base):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
