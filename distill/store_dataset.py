@@ -61,8 +61,9 @@ class StoreBatches(torch.utils.data.IterableDataset):
     """Endless training batches of one process (rank): epoch after epoch, from `start_step` on.
 
     Each item: {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks),
-    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float32 (B,Kt,D)},
-    "teacher_cls": {t: float32 (B,D)}}, teachers in store order, CPU tensors.
+    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float32 (B,Kt,D)}}, the teachers being
+    distilled (train.teachers) in store order, CPU tensors. CLS features, view boxes and labels are not
+    read: the trainer uses none of them.
     Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
     """
 
@@ -170,7 +171,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
             block = int(order[k])
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
-            data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers)
+            data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
+                                    meta=False, cls=False)
             take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
             rows = self.kept_rows.get(block, np.arange(stop - start))[take]
             teachers = data["teachers"]
@@ -179,7 +181,6 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 "student_idx": data["student_idx"][rows],
                 "teacher_idx": {t: v["idx"][rows] for t, v in teachers.items()},
                 "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
-                "teacher_cls": {t: v["cls"][rows] for t, v in teachers.items()},
             }
 
         return _tree(lambda *xs: np.concatenate(xs), *pool.map(read, range(first, last + 1)))

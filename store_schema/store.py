@@ -223,11 +223,13 @@ class FeatureStore:
         return missing
 
     def read_block(self, unit: str, start: int, stop: int, view: int, teachers: list[str] | None = None,
-                   pixels: bool = True) -> dict[str, Any]:
+                   pixels: bool = True, meta: bool = True, cls: bool = True) -> dict[str, Any]:
         """Samples [start, stop) of one unit at one view: a contiguous, chunk-aligned read.
 
         Returns numpy arrays: student_idx (m,Ks), pixels (m,Ks,3,p,p) uint8, views (m,5), index (m,),
         label (m,), and teachers[name] = {idx (m,Kt), patch (m,Kt,D) float32, cls (m,D) float32}.
+        `meta=False` skips views/index/label and `cls=False` the CLS features: the trainer uses neither,
+        and every array skipped is one zarr read (index fetch, checksum, decode) fewer per block.
         Raises StoreError when the data is damaged (a missing shard, non-finite features, bad indices):
         zarr would otherwise hand back fill values as if they were data.
         """
@@ -239,12 +241,11 @@ class FeatureStore:
             self._checked_units.add(unit)
         u = f"units/{unit}"
         out: dict[str, Any] = {
-            "student_idx": self.array(f"{u}/student_idx")[start:stop, view].astype(np.int64),
-            "views": self.array(f"{u}/views")[start:stop, view],
-            "index": self.array(f"{u}/index")[start:stop],
-            "label": self.array(f"{u}/label")[start:stop],
-            "teachers": {},
-        }
+            "student_idx": self.array(f"{u}/student_idx")[start:stop, view].astype(np.int64), "teachers": {}}
+        if meta:
+            out["views"] = self.array(f"{u}/views")[start:stop, view]
+            out["index"] = self.array(f"{u}/index")[start:stop]
+            out["label"] = self.array(f"{u}/label")[start:stop]
         if pixels:
             out["pixels"] = self.array(f"{u}/student_pixels")[start:stop, view]
         int8 = self.meta["dtype"] == "int8"
@@ -254,14 +255,15 @@ class FeatureStore:
         for t in teachers or self.teachers:
             tp = f"{u}/teachers/{t}"
             ps = self.array(f"{tp}/patch_scale")[start:stop, view] if int8 else None
-            cs = self.array(f"{tp}/cls_scale")[start:stop, view] if int8 else None
             got = {
                 "idx": self.array(f"{tp}/idx")[start:stop, view].astype(np.int64),
                 "patch": decode_features(self.array(f"{tp}/patch")[start:stop, view], ps),
-                "cls": decode_features(self.array(f"{tp}/cls")[start:stop, view], cs),
             }
+            if cls:
+                cs = self.array(f"{tp}/cls_scale")[start:stop, view] if int8 else None
+                got["cls"] = decode_features(self.array(f"{tp}/cls")[start:stop, view], cs)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
-            if not (np.isfinite(got["patch"]).all() and np.isfinite(got["cls"]).all()):
+            if not (np.isfinite(got["patch"]).all() and np.isfinite(got.get("cls", 0.0)).all()):
                 raise StoreError(f"{where}: teacher {t!r} features are not finite (a lost or corrupt chunk). "
                                  f"Run `comad-store validate {self.root}`; re-extract that unit.")
             out["teachers"][t] = got

@@ -268,3 +268,18 @@ def test_redone_unit_invalidates_finalised_statistics(tiny_cfg):
     ref = redo.teachers["mae"].patch.reshape(-1, 32).astype(np.float64).mean(0)
     np.testing.assert_allclose(after.mean, ref, rtol=1e-10, atol=1e-10)
     assert not np.allclose(after.mean, before)
+
+
+def test_read_block_can_skip_what_training_does_not_use(tiny_cfg, monkeypatch):
+    store = _create(tiny_cfg)
+    write_unit(store, tiny_cfg, "a.tar", n=8)
+    name = unit_name("a.tar")
+    full = store.read_block(name, 0, 4, 1)
+    paths = []
+    orig = FeatureStore.array
+    monkeypatch.setattr(FeatureStore, "array", lambda self, p: (paths.append(p), orig(self, p))[1])
+    slim = store.read_block(name, 0, 4, 1, meta=False, cls=False)
+    assert not any(p.endswith(("/views", "/index", "/label", "/cls")) for p in paths), paths
+    assert set(slim) == {"student_idx", "pixels", "teachers"} and set(slim["teachers"]["mae"]) == {"idx", "patch"}
+    for t in tiny_cfg.teachers:
+        np.testing.assert_array_equal(slim["teachers"][t]["patch"], full["teachers"][t]["patch"])
