@@ -27,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from distill.student import build_student
+from extract.teachers import load_strict
 from store_schema.config import PipelineConfig, load_config
 
 STUDENT_PREFIX = "student."
@@ -102,18 +103,8 @@ def student_state_dict(checkpoint_dir: str | Path) -> dict[str, Tensor]:
 
 def load_student_strict(model: VisionTransformer, sd: dict[str, Tensor], where: str) -> VisionTransformer:
     """Load every key of a freshly built student, with an error naming missing/extra/misshaped keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: student weights do not match the configured student; missing keys: "
-                         f"{missing}; unexpected keys: {unexpected}. Check student.arch/arch_kwargs and "
-                         f"data.image_size/patch_size against the run's config.toml.")
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if sd[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{where}: shape mismatch for {wrong}. Check student.arch_kwargs and image/patch size.")
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, where, hint="Check student.arch/arch_kwargs and data.image_size/patch_size against "
+                                       "the run's config.toml.")
     return model
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
 
-from store_schema.config import ConfigError, load_config
+from store_schema.config import ConfigError, load_config, read_toml
 
 # Columns of the table, in order; eval numbers and gate weights are appended as they appear.
 LOSS_COLUMNS = ("loss", "loss_token", "loss_map", "gate_entropy")
@@ -35,12 +34,7 @@ def parse_variant(text: str) -> list[str]:
 
 def read_variants_file(path: str | Path) -> list[tuple[str | None, list[str]]]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"variants file {str(path)!r} not found")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "variants file")
     tables = raw.get("variant")
     if not isinstance(tables, list) or not tables or set(raw) != {"variant"}:
         raise ConfigError(f"{path}: expected one or more [[variant]] tables (keys: name, set), got keys {sorted(raw)}")

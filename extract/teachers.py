@@ -210,17 +210,22 @@ def _fit_pos_embed(sd: dict[str, Tensor], model: VisionTransformer, where: str) 
     sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=1)
 
 
-def _load_strict(model: VisionTransformer, sd: dict[str, Tensor], where: str) -> None:
+def load_strict(model: VisionTransformer, sd: dict[str, Tensor], where: str,
+                hint: str = "Check format and arch/arch_kwargs, image and patch size.") -> None:
+    """load_state_dict(strict=True), with an error that names every missing, extra or misshaped key.
+
+    torch's own strict error is raised only after partially copying; this checks first and says what to fix.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: checkpoint does not match the model; missing keys: {missing}; "
-                         f"unexpected keys: {unexpected}. Check format and arch/arch_kwargs.")
+        raise ValueError(f"{where}: weights do not match the model; missing keys: {missing}; "
+                         f"unexpected keys: {unexpected}. {hint}")
     wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{where}: shape mismatch for {wrong}. Check arch_kwargs, image and patch size.")
+        raise ValueError(f"{where}: shape mismatch for {wrong}. {hint}")
     model.load_state_dict(sd, strict=True)
 
 
@@ -237,7 +242,7 @@ def load_teacher(cfg: TeacherConfig, image_size: int, patch_size: int) -> tuple[
         model = build_vit(cfg.arch, cfg.arch_kwargs, image_size, patch_size)
         sd = convert_checkpoint(load_state_dict_file(cfg.weights), cfg.format)
         _fit_pos_embed(sd, model, where)
-        _load_strict(model, sd, where)
+        load_strict(model, sd, where)
     model.eval().requires_grad_(False)
     return model, state_dict_sha256(model.state_dict())
 

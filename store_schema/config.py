@@ -204,16 +204,21 @@ def visible_count(fraction: float, num_patches: int) -> int:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a pipeline TOML file, apply `section.key=value` overrides, type-check and validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found; pass --config pipeline.toml (the shipped default)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "config file", "pass --config pipeline.toml (the shipped default)")
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw, source=str(path))
+
+
+def read_toml(path: str | Path, what: str, advice: str = "") -> dict[str, Any]:
+    """A TOML file as a dict; a missing file or invalid TOML is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found" + (f"; {advice}" if advice else ""))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
