@@ -69,6 +69,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
     runs = run_summaries(store)
     infos = store.units(complete_only=False)
     complete = [u for u in infos if u.complete]
+    digest = store.units_digest()[1]  # once, not per teacher: it reads every unit record
     rows = sum(u.n_samples for u in complete)
     arrays = expected_arrays(meta)
     stored = {part: 0 for part in ["student", *store.teachers]}
@@ -95,7 +96,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
         "stored_bytes": total, "decoded_bytes": decoded,
         "stored_fraction": total / decoded if decoded else 0.0,
         "bytes_per_view": per_view(total), "bytes_per_view_by_part": {k: per_view(b) for k, b in stored.items()},
-        "stats_finalised": {t: _final_stats_state(store, t, [u.name for u in complete]) for t in store.teachers},
+        "stats_finalised": {t: _final_stats_state(store, t, digest) for t in store.teachers},
         "skipped": store.skipped(),
         "runs": len(runs), "last_run": runs[-1] if runs else None,
         "lock": _read_lock(store),
@@ -124,12 +125,12 @@ def run_summaries(store: FeatureStore) -> list[dict[str, Any]]:
     return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
 
 
-def _final_stats_state(store: FeatureStore, teacher: str, complete: list[str]) -> str:
+def _final_stats_state(store: FeatureStore, teacher: str, digest: str) -> str:
     """'current' when stats/<teacher> covers exactly the complete units, else 'stale' or 'missing'."""
     if f"stats/{teacher}" not in store.group:
         return "missing"
     rec = dict(store.group[f"stats/{teacher}"].attrs).get(TEACHER_ATTR, {})
-    return "current" if rec.get("units_digest") == store.units_digest()[1] else "stale"
+    return "current" if rec.get("units_digest") == digest else "stale"
 
 
 def _read_lock(store: FeatureStore) -> dict[str, Any] | None:

@@ -278,7 +278,8 @@ class FeatureStore:
     def units_digest(self) -> tuple[list[str], str]:
         """Complete units and a digest of their identities (a re-extracted unit gets a new write id)."""
         units = [u.name for u in self.units()]
-        ids = [f"{u}:{self.unit_record(u).get('write_id', '')}:{self.unit_record(u).get('n_samples', 0)}" for u in units]
+        records = [self.unit_record(u) for u in units]
+        ids = [f"{u}:{r.get('write_id', '')}:{r.get('n_samples', 0)}" for u, r in zip(units, records)]
         return units, _digest(ids)
 
     def teacher_stats(self, teacher: str) -> RunningStats:
