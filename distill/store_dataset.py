@@ -61,9 +61,10 @@ class StoreBatches(torch.utils.data.IterableDataset):
     """Endless training batches of one process (rank): epoch after epoch, from `start_step` on.
 
     Each item: {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks),
-    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float32 (B,Kt,D)}}, the teachers being
-    distilled (train.teachers) in store order, CPU tensors. CLS features, view boxes and labels are not
-    read: the trainer uses none of them.
+    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float16 or float32 (B,Kt,D)}}, the teachers being
+    distilled (train.teachers) in store order, CPU tensors. A float16 store's targets stay float16 (the
+    model converts them on its device: half the bytes through the loader and worker queue). CLS features,
+    view boxes and labels are not read: the trainer uses none of them.
     Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
     """
 
@@ -172,9 +173,10 @@ class StoreBatches(torch.utils.data.IterableDataset):
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
             data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
-                                    meta=False, cls=False)
+                                    meta=False, cls=False, keep_float16=True)
             take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
-            rows = self.kept_rows.get(block, np.arange(stop - start))[take]
+            # A slice is a view; fancy indexing would copy every target array once more.
+            rows = self.kept_rows[block][take] if block in self.kept_rows else take
             teachers = data["teachers"]
             return {
                 "pixels": data["pixels"][rows],
@@ -183,7 +185,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
             }
 
-        return _tree(lambda *xs: np.concatenate(xs), *pool.map(read, range(first, last + 1)))
+        parts = list(pool.map(read, range(first, last + 1)))
+        return parts[0] if len(parts) == 1 else _tree(lambda *xs: np.concatenate(xs), *parts)
 
 
 def _tree(fn: Callable[..., Any], *trees: Any) -> Any:

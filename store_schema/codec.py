@@ -48,9 +48,19 @@ def encode_features(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray |
     raise ValueError(f"unknown feature dtype {dtype!r}; choose one of {', '.join(FEATURE_DTYPES)}")
 
 
-def decode_features(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """Inverse of encode_features, always float32 (..., D)."""
+def decode_features(values: np.ndarray, scale: np.ndarray | None, keep_float16: bool = False) -> np.ndarray:
+    """Inverse of encode_features: float32 (..., D), or float16 values as they are with keep_float16."""
     if scale is None:
+        if keep_float16 and values.dtype == np.float16:
+            return values
         return np.asarray(values, dtype=np.float32)
     q = values.astype(np.float32) / 127.0
     return np.sign(q) * q * q * np.asarray(scale, dtype=np.float32)[..., None]
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """np.isfinite(x).all(), ~10x faster for float16 (numpy has no vectorised float16 isfinite)."""
+    if x.dtype == np.float16:
+        # float16 inf/nan have all five exponent bits set.
+        return not ((np.ascontiguousarray(x).view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(x).all())

@@ -25,7 +25,7 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .codec import decode_features
+from .codec import all_finite, decode_features
 from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
@@ -223,13 +223,16 @@ class FeatureStore:
         return missing
 
     def read_block(self, unit: str, start: int, stop: int, view: int, teachers: list[str] | None = None,
-                   pixels: bool = True, meta: bool = True, cls: bool = True) -> dict[str, Any]:
+                   pixels: bool = True, meta: bool = True, cls: bool = True,
+                   keep_float16: bool = False) -> dict[str, Any]:
         """Samples [start, stop) of one unit at one view: a contiguous, chunk-aligned read.
 
         Returns numpy arrays: student_idx (m,Ks), pixels (m,Ks,3,p,p) uint8, views (m,5), index (m,),
         label (m,), and teachers[name] = {idx (m,Kt), patch (m,Kt,D) float32, cls (m,D) float32}.
         `meta=False` skips views/index/label and `cls=False` the CLS features: the trainer uses neither,
         and every array skipped is one zarr read (index fetch, checksum, decode) fewer per block.
+        `keep_float16=True` returns a float16 store's features as stored: the trainer converts them on
+        its device, and the loader moves half the bytes (numpy's float16 -> float32 is slow).
         Raises StoreError when the data is damaged (a missing shard, non-finite features, bad indices):
         zarr would otherwise hand back fill values as if they were data.
         """
@@ -257,13 +260,13 @@ class FeatureStore:
             ps = self.array(f"{tp}/patch_scale")[start:stop, view] if int8 else None
             got = {
                 "idx": self.array(f"{tp}/idx")[start:stop, view].astype(np.int64),
-                "patch": decode_features(self.array(f"{tp}/patch")[start:stop, view], ps),
+                "patch": decode_features(self.array(f"{tp}/patch")[start:stop, view], ps, keep_float16),
             }
             if cls:
                 cs = self.array(f"{tp}/cls_scale")[start:stop, view] if int8 else None
-                got["cls"] = decode_features(self.array(f"{tp}/cls")[start:stop, view], cs)
+                got["cls"] = decode_features(self.array(f"{tp}/cls")[start:stop, view], cs, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
-            if not (np.isfinite(got["patch"]).all() and np.isfinite(got.get("cls", 0.0)).all()):
+            if not (all_finite(got["patch"]) and all_finite(got.get("cls", np.zeros(0, np.float32)))):
                 raise StoreError(f"{where}: teacher {t!r} features are not finite (a lost or corrupt chunk). "
                                  f"Run `comad-store validate {self.root}`; re-extract that unit.")
             out["teachers"][t] = got

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from store_schema.codec import decode_features, encode_features
+from store_schema.codec import all_finite, decode_features, encode_features
 from store_schema.fingerprint import StoreMismatchError, fingerprint_from_config
 from store_schema.lock import acquire_writer_lock, release_writer_lock
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
@@ -113,6 +113,19 @@ def test_int8_per_token_scale_on_heavy_tailed_features(kind):
     sizes = {d: encode_features(x, d)[0].nbytes + (0 if d != "int8" else scale.nbytes) for d in ("float32", "float16", "int8")}
     print("bytes per 768-d token:", {d: s / 4096 for d, s in sizes.items()})
     assert sizes["float16"] * 2 == sizes["float32"] and sizes["int8"] < sizes["float16"] * 0.6
+
+
+def test_all_finite_matches_numpy_on_every_float16_class():
+    special = np.array([0.0, -0.0, 6e-8, -6e-8, 6.1e-5, 65504.0, -65504.0, 1.0], dtype=np.float16)  # subnormal, max
+    assert all_finite(special) and np.isfinite(special).all()
+    every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65,536 bit patterns
+    assert [all_finite(every[i:i + 1]) for i in range(0, 2 ** 16, 97)] == \
+        [bool(np.isfinite(every[i:i + 1]).all()) for i in range(0, 2 ** 16, 97)]
+    for bad in (np.inf, -np.inf, np.nan):
+        x = np.ones((3, 5, 8), np.float16)
+        x[2, 4, 7] = bad
+        assert not all_finite(x) and not all_finite(x[:, ::2])  # strided views too
+        assert not all_finite(x.astype(np.float32))
 
 
 def test_statistics_merge_exactly_and_redo_does_not_double_count(tiny_cfg):
@@ -244,6 +257,8 @@ def test_damaged_units_are_refused_on_read_not_returned_as_fill_values(tiny_cfg)
     fresh._checked_units.add(name)  # even past the listing check, fill values are not finite
     with pytest.raises(StoreError, match="not finite"):
         fresh.read_block(name, 8, 12, 0)
+    with pytest.raises(StoreError, match="not finite"):  # the trainer's float16 path checks too
+        fresh.read_block(name, 8, 12, 0, meta=False, cls=False, keep_float16=True)
 
 
 def test_writer_refuses_float16_overflow_and_unsorted_indices(tiny_cfg):

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-import distill.sweep as sweep_mod
+import distill.evaluate  # noqa: F401 -- imported before no_teachers patches extract.teachers: a module
+import distill.sweep as sweep_mod  # first imported under the patch would bind the stub for good
+import extract.pipeline  # noqa: F401
 import extract.teachers
 from _train_worker import build_store
 from distill.checkpoint import latest_checkpoint

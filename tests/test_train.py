@@ -78,7 +78,7 @@ def test_forward_matches_a_loop_reference(store_root):
     targets = torch.full((b, T, n, d), float("nan"))  # the gate must never read an unseen entry
     visible = torch.zeros(b, T, n, dtype=torch.bool)
     for k, t in enumerate(model.teacher_names):
-        adapted = model.adapters[t](batch["teacher_patch"][t])
+        adapted = model.adapters[t](batch["teacher_patch"][t].float())
         for i in range(b):
             for j, pos in enumerate(batch["teacher_idx"][t][i].tolist()):
                 targets[i, k, pos], visible[i, k, pos] = adapted[i, j], True
