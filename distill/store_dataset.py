@@ -154,26 +154,37 @@ class StoreBatches(torch.utils.data.IterableDataset):
         hi = lo + self.worker_batches * B
         per_window = self.window // B  # shuffle_window is a multiple of B (config validation)
         drop = skip % per_window
+        carry: dict[int, dict[str, Any]] = {}  # the block a window boundary cut: the next window starts in it
         for a in range(lo + skip // per_window * self.window, hi, self.window):
             c = min(a + self.window, hi)
-            samples = self._read_window(store, pool, order, views, starts, a, c)
+            samples = self._read_window(store, pool, order, views, starts, a, c, carry)
             perm = np.random.default_rng([self.seed, _WINDOW, epoch, self.rank, a]).permutation(c - a)
             for s in range(drop * B, c - a, B):
                 yield _tree(lambda x: torch.from_numpy(x[perm[s:s + B]]), samples)
             drop = 0
 
     def _read_window(self, store: FeatureStore, pool: ThreadPoolExecutor, order: np.ndarray, views: np.ndarray,
-                     starts: np.ndarray, a: int, c: int) -> dict[str, Any]:
-        """Epoch positions [a, c) as batch-shaped numpy arrays (c - a samples), in epoch order."""
+                     starts: np.ndarray, a: int, c: int, carry: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Epoch positions [a, c) as batch-shaped numpy arrays (c - a samples), in epoch order.
+
+        `carry` holds at most the block at position k that the previous window ended inside; it is
+        replaced by this window's last block when that one goes on past c (a window smaller than a chunk
+        would otherwise read each chunk several times).
+        """
         first = int(np.searchsorted(starts, a, side="right")) - 1
         last = int(np.searchsorted(starts, c - 1, side="right")) - 1
 
         def read(k: int) -> dict[str, Any]:
+            if k in carry:
+                return carry[k]
             block = int(order[k])
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
-            data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
+            return store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
                                     meta=False, cls=False, keep_float16=True)
+
+        def rows_of(k: int, data: dict[str, Any]) -> dict[str, Any]:
+            block = int(order[k])
             take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
             # A slice is a view; fancy indexing would copy every target array once more.
             rows = self.kept_rows[block][take] if block in self.kept_rows else take
@@ -185,7 +196,12 @@ class StoreBatches(torch.utils.data.IterableDataset):
                 "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
             }
 
-        parts = list(pool.map(read, range(first, last + 1)))
+        ks = range(first, last + 1)
+        blocks = list(pool.map(read, ks))
+        carry.clear()
+        if starts[last + 1] > c:
+            carry[last] = blocks[-1]
+        parts = [rows_of(k, data) for k, data in zip(ks, blocks)]
         return parts[0] if len(parts) == 1 else _tree(lambda *xs: np.concatenate(xs), *parts)
 
 

@@ -169,6 +169,32 @@ def test_reads_are_whole_chunk_aligned_blocks(fab, monkeypatch):
         assert 0 <= view < cfg.views.num_views
 
 
+def test_a_window_smaller_than_a_chunk_reads_each_chunk_once(fab, monkeypatch):
+    cfg = _cfg(fab, ["train.shuffle_window=4"])  # window = batch = 4: blocks of 1-4 rows are cut by windows
+    root, written, ident = fab
+    calls = []
+    orig = FeatureStore.read_block
+
+    def spy(self, unit, start, stop, view, *args, **kwargs):
+        calls.append((unit, start))
+        return orig(self, unit, start, stop, view, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "read_block", spy)
+    ds = StoreBatches(cfg, 0, 1)
+    batches = _take(ds, ds.steps_per_epoch)  # exactly epoch 0: reads are lazy, nothing of epoch 1 yet
+    # Windows of epoch 0 over the block order: some block must straddle two windows for this to test anything.
+    order = np.random.default_rng([cfg.seed, 0, 0]).permutation(len(ds.blocks))
+    ends = np.cumsum(ds.block_sizes[order])
+    windows_per_block = [len({w for w in range(e - n, e) if w < ds.steps_per_epoch * 4 for w in [w // 4]})
+                         for e, n in zip(ends, ds.block_sizes[order])]
+    assert max(windows_per_block) > 1
+    assert len(calls) == len(set(calls)) == sum(1 for w in windows_per_block if w)  # each block read once
+    for b in batches:
+        _check_contents(b, written, ident, cfg)
+    seen = _samples(batches, ident)
+    assert len({(u, i) for u, i, _ in seen}) == len(seen) == ds.steps_per_epoch * 4
+
+
 def test_fingerprint_mismatch_names_each_field(fab):
     cfg = _cfg(fab, ["masks.student_visible=0.3", "views.num_views=3", "teachers.ibot.visible=0.8"])
     with pytest.raises(StoreMismatchError) as err:
