@@ -6,7 +6,11 @@
 
 and the FLOP ratio (online / store) counted from the architectures.
 
-    python -m benchmarks.bench_distill [--images 32] [--batch 16] [--steps 6] [--online-steps 2] [--store PATH]
+    python -m benchmarks.bench_distill [--images 64] [--batch 16] [--steps 10] [--rounds 4] [--online-steps 2]
+
+The images go into two tars, so with 64 images each unit holds 32 samples: one whole 32-sample chunk
+(pipeline.toml's store.chunk_samples) per block read, as in a real store of ~1,000-image tars. Fewer images
+give part-filled chunks, and each read's fixed cost is then spread over fewer samples.
 """
 from __future__ import annotations
 
@@ -60,10 +64,10 @@ def timed_steps(step_fn, batches, n: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round for store and memory")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round for store and memory")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--online-steps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=None)

@@ -222,4 +222,23 @@ def make_loader(dataset: StoreBatches, num_workers: int) -> torch.utils.data.Dat
         raise ValueError(f"num_workers = {num_workers}, but the dataset was built for train.num_workers = "
                          f"{dataset.num_workers}; pass that, or rebuild the dataset")
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=_lower_priority if num_workers else None)
+
+
+_LOADER_NICE = 10
+
+
+def _lower_priority(worker_id: int) -> None:
+    """Run a loader worker at a lower CPU priority (nice +_LOADER_NICE).
+
+    Training keeps all cores busy with intra-op threads that meet at barriers, so a worker that
+    preempts one of them stalls them all: on a CPU-bound trainer a higher nice level lets the
+    worker run in the step's idle moments instead. It changes nothing where cores are spare.
+    """
+    import os
+
+    try:
+        os.nice(_LOADER_NICE)
+    except (AttributeError, OSError):  # no nice() on this platform, or not permitted: keep the default
+        pass

@@ -1,6 +1,8 @@
 """Stage-2 reader: equal batches per rank, each sample once per epoch at one view, exact resume."""
 from __future__ import annotations
 
+import multiprocessing
+import os
 import pickle
 from itertools import islice
 
@@ -235,3 +237,22 @@ def test_int8_store_is_dequantised(tmp_path):
                 np.testing.assert_allclose(got, want, rtol=0, atol=0.01 * scale.max())
                 assert np.all(np.abs(got - want) <= 0.01 * scale)
                 assert not np.array_equal(got, want)  # really went through int8
+
+
+def _nice_after_worker_init(q):
+    from distill.store_dataset import _lower_priority
+    before = os.nice(0)
+    _lower_priority(0)
+    q.put((before, os.nice(0)))
+
+
+def test_loader_workers_run_at_lower_cpu_priority(fab):
+    loader = make_loader(StoreBatches(_cfg(fab, ["train.num_workers=1"]), 0, 1), 1)
+    assert loader.worker_init_fn is not None  # the trainer's workers get it
+    ctx = multiprocessing.get_context("spawn")  # a child: renicing pytest itself would slow every later test
+    q = ctx.Queue()
+    p = ctx.Process(target=_nice_after_worker_init, args=(q,))
+    p.start()
+    before, after = q.get(timeout=60)
+    p.join()
+    assert after == min(19, before + 10)
