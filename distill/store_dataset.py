@@ -20,6 +20,7 @@ batch after the resume is exactly batch b, and every later one equals an uninter
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -236,8 +237,6 @@ def _lower_priority(worker_id: int) -> None:
     preempts one of them stalls them all: on a CPU-bound trainer a higher nice level lets the
     worker run in the step's idle moments instead. It changes nothing where cores are spare.
     """
-    import os
-
     try:
         os.nice(_LOADER_NICE)
     except (AttributeError, OSError):  # no nice() on this platform, or not permitted: keep the default

@@ -266,7 +266,7 @@ class FeatureStore:
                 cs = self.array(f"{tp}/cls_scale")[start:stop, view] if int8 else None
                 got["cls"] = decode_features(self.array(f"{tp}/cls")[start:stop, view], cs, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
-            if not (all_finite(got["patch"]) and all_finite(got.get("cls", np.zeros(0, np.float32)))):
+            if not all(all_finite(got[k]) for k in ("patch", "cls") if k in got):
                 raise StoreError(f"{where}: teacher {t!r} features are not finite (a lost or corrupt chunk). "
                                  f"Run `comad-store validate {self.root}`; re-extract that unit.")
             out["teachers"][t] = got
