@@ -67,6 +67,7 @@ class StoreConfig:
     compression_level: int
     chunk_samples: int  # samples per inner chunk (one view): the unit of a training read
     shard_samples: int  # samples per shard file: the unit of a write, one writer each
+    joint_stats_samples: int  # samples (view 0) read back for the cross-teacher statistics; 0 = all
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,13 @@ class HeadsConfig:
     decoder_depth: int
     decoder_heads: int
     decoder_mlp_ratio: float
-    adapter_init: str
+    adapter_init: str  # cca (shared basis) | pca (one basis per teacher) | random
     adapter_trainable: bool
+    fusion: str  # target: one gated target | loss: a student head per teacher, gated per-teacher losses
+    cca_ridge: float  # ridge on each teacher's covariance, as a fraction of its mean eigenvalue
+    collapse_min_std: float  # trainable adapters: a target channel std below this counts as collapse
+    collapse_patience: int  # consecutive collapsed steps before collapse_action
+    collapse_action: str  # stop | warn
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class LossConfig:
     map_weight: float
     token_temperature: float
     map_temperature: float
+    cls_weight: float  # λ_cls: the global (CLS) term
     standardize_targets: bool
 
 
@@ -140,6 +147,7 @@ class EvalConfig:
     probe_weight_decay: float
     probe_batch_size: int
     features: list[str]
+    crop_fraction: float  # DINO: resize the shorter side to image_size / crop_fraction, centre-crop
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teachers.*.format": ("timm", "mae", "mocov3", "ibot", "state_dict"),
     "store.dtype": ("float32", "float16", "int8"),
     "store.compression": ("zstd", "blosc", "none"),
-    "heads.adapter_init": ("pca", "random"),
+    "heads.adapter_init": ("cca", "pca", "random"),
+    "heads.fusion": ("target", "loss"),
+    "heads.collapse_action": ("stop", "warn"),
     "gate.variant": ("joint", "mean", "affinity", "agreement"),
     "train.mixed_precision": ("auto", "bf16", "no"),
     "train.targets": ("store", "online"),
@@ -393,14 +403,20 @@ def validate(cfg: PipelineConfig) -> None:
           f"store.shard_samples = {st.shard_samples} must be a positive multiple of store.chunk_samples = "
           f"{st.chunk_samples}")
     check(st.compression_level >= 0, "store.compression_level must be >= 0")
+    check(st.joint_stats_samples >= 0, "store.joint_stats_samples must be >= 0 (0 = every sample)")
 
     h = cfg.heads
     check(h.decoder_depth >= 0 and h.decoder_heads >= 1, "heads.decoder_depth >= 0 and heads.decoder_heads >= 1")
+    check(math.isfinite(h.cca_ridge) and h.cca_ridge >= 0, f"heads.cca_ridge = {h.cca_ridge} must be >= 0")
+    check(math.isfinite(h.collapse_min_std) and h.collapse_min_std >= 0,
+          f"heads.collapse_min_std = {h.collapse_min_std} must be >= 0 (0 disables the collapse check)")
+    check(h.collapse_patience >= 1, f"heads.collapse_patience = {h.collapse_patience} must be >= 1")
     check(cfg.gate.temperature > 0, "gate.temperature must be > 0")
     lo = cfg.loss
     check(lo.token_temperature > 0 and lo.map_temperature > 0, "loss temperatures must be > 0")
     check(lo.token_weight >= 0 and lo.map_weight >= 0 and lo.token_weight + lo.map_weight > 0,
-          "loss weights must be >= 0 and not both 0")
+          "loss.token_weight and loss.map_weight must be >= 0 and not both 0")
+    check(math.isfinite(lo.cls_weight) and lo.cls_weight >= 0, f"loss.cls_weight = {lo.cls_weight} must be >= 0")
     o = cfg.optim
     check(o.base_lr > 0 and o.lr_reference_batch >= 1, "optim.base_lr > 0 and optim.lr_reference_batch >= 1")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
@@ -423,6 +439,8 @@ def validate(cfg: PipelineConfig) -> None:
     check(all(k >= 1 for k in e.knn_k) and len(e.knn_k) > 0, "eval.knn_k must list positive integers")
     check(e.knn_temperature > 0, "eval.knn_temperature must be > 0")
     check(e.batch_size >= 1 and e.probe_batch_size >= 1 and e.probe_epochs >= 0, "eval batch sizes >= 1")
+    check(0 < e.crop_fraction <= 1, f"eval.crop_fraction = {e.crop_fraction} must be in (0, 1] (DINO: 0.875; "
+                                    "1 resizes the shorter side straight to data.image_size)")
     if errors:
         raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
 
