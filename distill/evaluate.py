@@ -1,25 +1,25 @@
 """Frozen-feature evaluation (DESIGN §9): DINO's weighted kNN and a linear probe, on CLS or mean-patch features.
 
 Features come from a labelled WebDataset (`cls` member = integer label) through a full forward (every
-token kept). The eval transform has one number, data.image_size S: resize the shorter side to S
-(bicubic, antialiased — PIL's resampling always is) and centre-crop S x S; this equals timm's
-transform with crop_pct = 1 (what the export's config.json records). Accuracies are fractions in [0, 1].
+token kept). The eval transform is DINO's: resize the shorter side to R = floor(S / c) (bicubic,
+antialiased — PIL's resampling always is) and centre-crop S x S, with S = data.image_size and
+c = eval.crop_fraction (DINO: 0.875, 224 -> 256 -> 224; c = 1 resizes straight to S). It is built by
+timm's own eval transform (`create_transform(is_training=False, crop_pct=c)`), so a timm user of the
+export who sets crop_pct = c gets the same pixels. Accuracies are fractions in [0, 1].
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image
+from timm.data import create_transform
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import InterpolationMode
 
 from distill.export import load_export, load_student_from_checkpoint, resolve_checkpoint_dir, run_dir_of
 from distill.student import build_student
@@ -30,17 +30,42 @@ from store_schema.config import PipelineConfig, load_config
 
 FEATURES = ("cls", "mean_patch")
 MAX_EXAMPLES = 20  # skipped samples listed by name in a report; the counts are always complete
+INTERPOLATION = "bicubic"  # DINO's eval resize (torchvision interpolation=3)
 
 
 # ----------------------------------------------------------------------------------------------
 # Features
 
 
-def eval_transform(image: Image.Image, size: int) -> Tensor:
-    """RGB PIL image -> uint8 (3, size, size): shorter side to `size` (bicubic), centre crop."""
-    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    image = TF.center_crop(image, [size, size])
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+def resize_size(size: int, crop_fraction: float) -> int:
+    """Shorter side before the centre crop: floor(size / crop_fraction), as timm computes it (224, 0.875 -> 256)."""
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    return math.floor(size / crop_fraction)
+
+
+def build_eval_transform(size: int, crop_fraction: float) -> Callable[[Image.Image], Tensor]:
+    """DINO's eval transform as timm builds it: RGB PIL image -> uint8 (3, size, size).
+
+    Shorter side to resize_size(size, crop_fraction) (bicubic, antialiased), centre crop size x size;
+    no normalisation (use_prefetcher: the model's mean/std are applied on its device by _encode).
+    """
+    resize_size(size, crop_fraction)  # validates crop_fraction before timm silently replaces a 0 by 0.875
+    return create_transform(size, is_training=False, crop_pct=crop_fraction, crop_mode="center",
+                            interpolation=INTERPOLATION, use_prefetcher=True)
+
+
+def eval_transform(image: Image.Image, size: int, crop_fraction: float = 1.0) -> Tensor:
+    """One image through build_eval_transform: RGB PIL image -> uint8 (3, size, size)."""
+    return build_eval_transform(size, crop_fraction)(image).contiguous()
+
+
+def protocol_transform(size: int, crop_fraction: float, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The eval transform as recorded in a result JSON."""
+    return {"method": "DINO eval transform (timm create_transform, is_training=False, crop_mode=center)",
+            "crop_fraction": crop_fraction, "resize_shorter_side": resize_size(size, crop_fraction),
+            "crop": size, "interpolation": INTERPOLATION, "antialias": True,
+            "mean": list(mean), "std": list(std), "tokens": "all kept"}
 
 
 class _LabelledImages(IterableDataset):
@@ -49,8 +74,9 @@ class _LabelledImages(IterableDataset):
     Worker w of W reads tars w, w + W, ...; the DataLoader interleaves workers in a fixed order.
     """
 
-    def __init__(self, urls: list[str], image_size: int, max_image_pixels: int) -> None:
-        self.urls, self.image_size, self.max_image_pixels = urls, image_size, max_image_pixels
+    def __init__(self, urls: list[str], image_size: int, crop_fraction: float, max_image_pixels: int) -> None:
+        self.urls, self.max_image_pixels = urls, max_image_pixels
+        self.transform = build_eval_transform(image_size, crop_fraction)
 
     def __iter__(self) -> Iterator[tuple[str, Tensor | None, int, str | None]]:
         info = get_worker_info()
@@ -63,7 +89,7 @@ class _LabelledImages(IterableDataset):
                     why = (item.note or "no cls member") if item.label is None else f"negative label {item.label}"
                     yield "unlabelled", None, -1, f"{url}#{item.index} ({item.key}): {why}"
                 else:
-                    yield "ok", eval_transform(item.image, self.image_size), item.label, None
+                    yield "ok", self.transform(item.image).contiguous(), item.label, None
 
 
 @torch.no_grad()
@@ -102,7 +128,7 @@ def extract_eval_features(model: nn.Module, urls: Sequence[str], cfg: PipelineCo
     device = next(model.parameters()).device
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    loader = DataLoader(_LabelledImages(urls, size, cfg.data.max_image_pixels), batch_size=None,
+    loader = DataLoader(_LabelledImages(urls, size, cfg.eval.crop_fraction, cfg.data.max_image_pixels), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(urls)),
                         generator=torch.Generator())  # its worker seed would otherwise come from the global RNG
     stats: dict[str, Any] = {"n": 0, "skipped_unlabelled": 0, "skipped_undecodable": 0, "examples": []}
@@ -246,8 +272,7 @@ def evaluate_model(model: nn.Module, cfg: PipelineConfig, mean: Sequence[float],
     result["protocol"] = {
         "features": {"cls": "CLS token after the final norm",
                      "mean_patch": "mean of all patch tokens after the final norm"},
-        "transform": f"resize shorter side to {cfg.data.image_size} (bicubic, antialias), centre crop "
-                     f"{cfg.data.image_size}, normalise mean={list(mean)} std={list(std)}; all tokens kept",
+        "transform": protocol_transform(cfg.data.image_size, e.crop_fraction, mean, std),
         "knn": {"method": "DINO weighted kNN: L2-normalised features, cosine, weights exp(sim/T)",
                 "k": list(e.knn_k), "temperature": e.knn_temperature},
         "linear": {"method": "linear layer on standardised frozen features, SGD momentum 0.9, cosine lr, "

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from distill.evaluate import (eval_transform, evaluate_model, extract_eval_features, knn_classify, linear_probe,
-                              load_eval_model, main_eval)
+                              load_eval_model, main_eval, resize_size)
 from distill.export import export_student
 from distill.student import build_student
 from extract.teachers import build_vit, save_in_official_format
@@ -136,15 +136,32 @@ def labelled(key: str, label, seed: int, size=(40, 28)) -> dict:
     return s
 
 
-def test_eval_transform_resizes_shorter_side_then_centre_crops():
+def test_eval_transform_crop_fraction_1_resizes_shorter_side_then_centre_crops():
     rng = np.random.default_rng(0)
     wide = rng.integers(0, 256, (32, 96, 3), dtype=np.uint8)  # shorter side already 32: crop only
-    out = eval_transform(Image.fromarray(wide), 32)
+    out = eval_transform(Image.fromarray(wide), 32, 1.0)
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
     assert torch.equal(out, torch.from_numpy(wide[:, 32:64]).permute(2, 0, 1))
     square = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     expected = np.array(square.resize((32, 32), Image.Resampling.BICUBIC))
-    assert torch.equal(eval_transform(square, 32), torch.from_numpy(expected).permute(2, 0, 1))
+    assert torch.equal(eval_transform(square, 32, 1.0), torch.from_numpy(expected).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("hw", [(50, 70), (70, 50)])
+def test_eval_transform_is_dinos_resize_then_centre_crop(hw):
+    # DINO: shorter side to floor(32 / 0.875) = 36, the longer side in proportion (torchvision truncates:
+    # 70 * 36 / 50 = 50.4 -> 50), then the centre 32 x 32 (offsets round((36-32)/2) = 2, round((50-32)/2) = 9).
+    h, w = hw
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    assert resize_size(32, 0.875) == 36 and resize_size(224, 0.875) == 256 and resize_size(32, 1.0) == 32
+    new_w, new_h = (50, 36) if w > h else (36, 50)
+    box = (9, 2, 41, 34) if w > h else (2, 9, 34, 41)  # PIL crop box: left, top, right, bottom
+    expected = np.array(image.resize((new_w, new_h), Image.Resampling.BICUBIC).crop(box))
+    out = eval_transform(image, 32, 0.875)
+    assert out.shape == (3, 32, 32) and torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
+    assert not torch.equal(out, eval_transform(image, 32, 1.0))  # the crop fraction changes the pixels
+    with pytest.raises(ValueError, match="crop_fraction"):
+        eval_transform(image, 32, 0.0)
 
 
 def test_extract_eval_features_order_skips_and_values(tmp_path):
@@ -167,9 +184,10 @@ def test_extract_eval_features_order_skips_and_values(tmp_path):
     assert (report["n"], report["skipped_unlabelled"], report["skipped_undecodable"]) == (6, 2, 1)
     assert any("u2" in e and "not an integer" in e for e in report["examples"])
     assert any("bad" in e for e in report["examples"])
-    # sample 4 (label 5), from the second batch of 4, computed by hand
+    # sample 4 (label 5), from the second batch of 4, computed by hand with the configured DINO crop
+    assert cfg.eval.crop_fraction == 0.875
     image = Image.open(io.BytesIO(samples[7]["png"])).convert("RGB")
-    x = eval_transform(image, 32).float().div(255)[None]
+    x = eval_transform(image, 32, 0.875).float().div(255)[None]
     x = (x - torch.tensor(cfg.student.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.student.std).view(1, 3, 1, 1)
     with torch.no_grad():
         cls, patches = forward_visible(model.eval(), x, torch.arange(16)[None])
@@ -228,8 +246,15 @@ def test_evaluate_model_end_to_end(tmp_path):
         assert set(result[f]) == {"knn@1", "knn@3", "linear"}
         assert all(0.0 <= v <= 1.0 and v * 4 == int(v * 4) for v in result[f].values())  # k of 4 test samples
     assert (result["n_train"], result["n_test"], result["skipped_unlabelled"]) == (8, 4, 1)
-    assert result["protocol"]["knn"]["k"] == [1, 3] and result["protocol"]["num_classes"] == 2
+    protocol = result["protocol"]
+    assert protocol["knn"]["k"] == [1, 3] and protocol["knn"]["temperature"] == cfg.eval.knn_temperature
+    assert protocol["num_classes"] == 2 and set(protocol["features"]) == {"cls", "mean_patch"}
+    t = protocol["transform"]
+    assert (t["crop_fraction"], t["resize_shorter_side"], t["crop"], t["interpolation"]) == (0.875, 36, 32, "bicubic")
+    assert t["mean"] == list(mean) and t["std"] == list(std)
     json.dumps(result)  # serialisable as is
+    full = evaluate_model(model, eval_cfg(tmp_path, ["eval.crop_fraction=1.0"]), mean, std)
+    assert full["protocol"]["transform"]["resize_shorter_side"] == 32
 
 
 def test_main_eval_random_init_is_reproducible(tmp_path, capsys):
