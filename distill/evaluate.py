@@ -260,7 +260,10 @@ def evaluate_model(model: nn.Module, cfg: PipelineConfig, mean: Sequence[float],
     reports: dict[str, dict] = {"train": {}, "test": {}}
     train_f, train_y = extract_eval_features(model, e.train_urls, cfg, mean, std, features, reports["train"])
     test_f, test_y = extract_eval_features(model, e.test_urls, cfg, mean, std, features, reports["test"])
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    # Dense class ids (sorted, so kNN ties still go to the lowest label): the votes and the probe need one
+    # column per class present, not per integer up to the largest label (2^31 - 1 would ask for terabytes).
+    classes, dense = torch.unique(torch.cat([train_y, test_y]), sorted=True, return_inverse=True)
+    train_y, test_y, num_classes = dense[:train_y.numel()], dense[train_y.numel():], int(classes.numel())
     device = next(model.parameters()).device  # kNN and the probe run where the model does
     result: dict[str, Any] = {}
     for f in features:

@@ -239,7 +239,9 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
             if url not in out["opened"]:
                 out["opened"].add(url)
                 writer.put(("open", url))
-            out["notes"] += chunk.notes
+            out["notes"] += [f"{url}[{i}] {key}: {note}" for i, key, note in chunk.notes]
+            for i, key, note in chunk.notes:
+                writer.put(("note", url, i, key, note))
             rows, bad = _teacher_rows(cfg, models, chunk) if chunk.keys else (None, [])
             for index, key, reason in chunk.skips + bad:
                 writer.put(("skip", url, index, key, reason))

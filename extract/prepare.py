@@ -67,7 +67,7 @@ class Chunk:
     student_pixels: torch.Tensor | None = None  # (m, V, Ks, 3, p, p) uint8
     teacher_idx: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (m, V, Kt) int64
     skips: list[tuple[int, str | None, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    notes: list[tuple[int, str, str]] = field(default_factory=list)  # (index, key, note): kept, with a remark
     last: bool = False  # the tar ends here
     error: str | None = None  # the tar could not be read: discard the unit
 
@@ -93,7 +93,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
     """Every sample of one tar, prepared, in order; the last chunk has last=True (or error set)."""
     done: list = []
     skips: list[tuple[int, str | None, str]] = []
-    notes: list[str] = []
+    notes: list[tuple[int, str, str]] = []
     seen = 0
     try:
         for item in iter_tar(url, cfg.data.max_image_pixels):
@@ -103,7 +103,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
                 continue
             fault_point("decode")
             if item.note:
-                notes.append(f"{url}[{item.index}] {item.key}: {item.note}")
+                notes.append((item.index, item.key, item.note))  # recorded with the sample in its unit
             try:
                 views = [prepare_view(cfg, item.image, item.key, v) for v in range(cfg.views.num_views)]
             except ValueError as e:  # e.g. a view box that rounds to nothing

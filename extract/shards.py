@@ -17,8 +17,9 @@ Every sample group gets an index (0, 1, ...) whether it decodes or not; a bad on
 
 - image member: the first of IMAGE_EXTENSIONS present (exact extension, so "seg.png" is not the image);
   when several are present the sample keeps a `note` naming what was ignored;
-- `cls`: UTF-8 text of an integer -> label; anything else -> label None, sample kept (images are
-  what extraction needs) and `note` says why, so the caller can record it;
+- `cls`: UTF-8 text of an integer in [0, 2^31) -> label; anything else (not an integer, negative, too
+  large) -> label None, sample kept (images are what extraction needs) and `note` says why, so the
+  caller records it with the sample;
 - alpha (RGBA, LA, PA, palette or colour-key transparency) is composited over white (how viewers
   show it; dropping alpha would expose arbitrary colours under transparent pixels);
 - 16-bit grey is scaled by 255/65535 (PIL's own convert clips at 255, turning most images white);
@@ -278,12 +279,28 @@ def _finish(url: str, g: _Group, seen: dict[str, int], max_image_pixels: int) ->
     return Sample(url, g.index, g.key, image, label, "; ".join(notes) or None)
 
 
+MAX_LABEL = 2**31 - 1  # labels are stored as int64 but read by int32 consumers (class counts, one-hot votes)
+_LABEL = re.compile(r"([+-]?)([0-9]+)")  # ASCII digits only: int() would also take "1_000" or "٣"
+
+
 def parse_label(data: bytes) -> tuple[int | None, str | None]:
-    """`cls` member bytes -> (label, None), or (None, why it is not an integer)."""
+    """`cls` member bytes -> (label, None) for an integer in [0, 2^31), else (None, why it is not used).
+
+    A label outside that range is not stored (it would fail `validate`, overflow int64, or make the kNN
+    allocate one column per class up to it): the sample keeps label -1 and the reason is recorded with it.
+    """
     try:
-        return int(data.decode("utf-8").strip()), None
-    except (UnicodeDecodeError, ValueError):
+        m = _LABEL.fullmatch(data.decode("utf-8").strip())
+    except UnicodeDecodeError:
+        m = None
+    if m is None:
         return None, f"cls member {data[:40]!r} is not an integer; label set to None"
+    sign, digits = m.group(1), m.group(2).lstrip("0") or "0"
+    if sign == "-" and digits != "0":
+        return None, f"cls member {data[:40]!r} is a negative label (valid: 0 to {MAX_LABEL}); label set to None"
+    if len(digits) > len(str(MAX_LABEL)) or int(digits) > MAX_LABEL:
+        return None, f"cls member {data[:40]!r} is above the largest label {MAX_LABEL}; label set to None"
+    return int(digits), None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class ExtractionError(RuntimeError):
 
 
 class BackgroundWriter:
-    """Writes units in a thread. Messages: (op, url, *args), op in open/rows/skip/commit/fail.
+    """Writes units in a thread. Messages: (op, url, *args), op in open/rows/skip/note/commit/fail.
 
     A failure in the thread is raised by the next `put` or by `close`, so the run stops on it.
     """
@@ -81,6 +81,8 @@ class BackgroundWriter:
             self.writers[url].append(args[0])
         elif op == "skip":
             self.writers[url].skip(*args)
+        elif op == "note":
+            self.writers[url].note(*args)
         elif op == "commit":
             info = self.writers.pop(url).commit()
             self.committed.append({"url": url, "unit": info.name, "n_samples": info.n_samples,

@@ -70,6 +70,12 @@ def format_inspect(info: dict[str, Any]) -> str:
     lines.append(f"skipped     {len(info['skipped'])} inputs")
     for s in info["skipped"]:
         lines.append(f"  {s['source']} #{s.get('index')} {s.get('key')}: {s.get('reason')}")
+    notes = info.get("sample_notes", [])
+    lines.append(f"notes       {len(notes)} stored samples with a remark (e.g. an invalid cls, stored as -1)")
+    for s in notes[:20]:
+        lines.append(f"  {s['source']} #{s.get('index')} {s.get('key')}: {s.get('note')}")
+    if len(notes) > 20:
+        lines.append(f"  ... {len(notes) - 20} more (--json lists all)")
     lines += _format_last_run(info["last_run"], info["runs"])
     if info["lock"]:
         lk = info["lock"]

@@ -97,7 +97,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
         "stored_fraction": total / decoded if decoded else 0.0,
         "bytes_per_view": per_view(total), "bytes_per_view_by_part": {k: per_view(b) for k, b in stored.items()},
         "stats_finalised": {t: _final_stats_state(store, t, digest) for t in store.teachers},
-        "skipped": store.skipped(),
+        "skipped": store.skipped(), "sample_notes": store.sample_notes(),
         "runs": len(runs), "last_run": runs[-1] if runs else None,
         "lock": _read_lock(store),
     }

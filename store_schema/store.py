@@ -191,6 +191,11 @@ class FeatureStore:
                 out.append({"unit": info.name, "source": info.source, **s})
         return out
 
+    def sample_notes(self) -> list[dict[str, Any]]:
+        """Stored samples with a remark (an invalid `cls` stored as label -1, extra image members)."""
+        return [{"unit": info.name, "source": info.source, **n} for info in self.units()
+                for n in self.unit_record(info.name).get("notes", [])]
+
     # ------------------------------------------------------------------ reading
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:

@@ -255,7 +255,7 @@ def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, 
 
 _ROW_CHECKS = {
     "index": ("negative sample index", lambda x: x < 0),
-    "label": ("label below -1", lambda x: x < -1),
+    "label": ("label outside -1 (none) .. 2^31 - 1", lambda x: (x < -1) | (x > 2**31 - 1)),
     "views": ("view parameters not finite or outside [0, 1]", lambda x: ~(np.isfinite(x) & (x >= 0) & (x <= 1))),
 }
 

@@ -87,6 +87,7 @@ class UnitWriter:
         self.written = 0
         self.keys: list[str] = []
         self.skips: list[dict[str, Any]] = []
+        self.notes: list[dict[str, Any]] = []
 
     def _new(self, path: str, row_shape: tuple[int, ...], dtype: str, per_view: bool = True) -> None:
         lead = (0, self.V) if per_view else (0,)
@@ -131,6 +132,10 @@ class UnitWriter:
     def skip(self, index: int, key: str | None, reason: str) -> None:
         self.skips.append({"index": int(index), "key": key, "reason": reason})
 
+    def note(self, index: int, key: str, note: str) -> None:
+        """A stored sample with a remark (e.g. its `cls` was not a valid label, so it is stored as -1)."""
+        self.notes.append({"index": int(index), "key": key, "note": note})
+
     def commit(self) -> UnitInfo:
         """Write the last partial shard, the statistics, and then — once durable — the completion records."""
         if self.buffered:
@@ -146,9 +151,11 @@ class UnitWriter:
         for t, s in self.stats.items():
             self.group[f"teachers/{t}"].attrs.put({TEACHER_ATTR: {"status": "complete", "count": s.count}})
         if self.base:
-            self.group.attrs.put({UNIT_ATTR: {"source": self.source, "status": "complete", "n_samples": self.written,
-                                              "keys": self.keys, "skipped": self.skips,
-                                              "write_id": uuid.uuid4().hex}})
+            rec = {"source": self.source, "status": "complete", "n_samples": self.written, "keys": self.keys,
+                   "skipped": self.skips, "write_id": uuid.uuid4().hex}
+            if self.notes:  # an optional field: stores written before it have none
+                rec["notes"] = self.notes
+            self.group.attrs.put({UNIT_ATTR: rec})
         return self.store.unit_info(self.name)
 
     def fail(self, reason: str) -> None:
