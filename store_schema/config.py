@@ -380,13 +380,13 @@ def validate(cfg: PipelineConfig) -> None:
     m = cfg.masks
     n = cfg.num_patches if d.patch_size > 0 and d.image_size % d.patch_size == 0 else 0
     check(0 < m.student_visible <= 1, f"masks.student_visible = {m.student_visible} must be in (0, 1]")
-    if n:
+    if n and math.isfinite(m.student_visible):  # NaN/inf is reported below; visible_count cannot take it
         check(cfg.student_tokens >= 1, f"masks.student_visible = {m.student_visible} keeps no token of {n}")
     for name, t in cfg.teachers.items():
         check(m.student_visible < t.visible <= 1,
               f"teachers.{name}.visible = {t.visible} must be above masks.student_visible = "
               f"{m.student_visible} and at most 1 (each teacher sees more context than the student)")
-        if n and m.student_visible < t.visible <= 1:
+        if n and math.isfinite(m.student_visible) and m.student_visible < t.visible <= 1:
             check(cfg.teacher_tokens(name) > cfg.student_tokens,
                   f"teachers.{name}.visible = {t.visible} keeps {cfg.teacher_tokens(name)} of {n} tokens, "
                   f"not more than the student's {cfg.student_tokens}: raise it or use a finer patch grid")
@@ -441,6 +441,65 @@ def validate(cfg: PipelineConfig) -> None:
     check(e.batch_size >= 1 and e.probe_batch_size >= 1 and e.probe_epochs >= 0, "eval batch sizes >= 1")
     check(0 < e.crop_fraction <= 1, f"eval.crop_fraction = {e.crop_fraction} must be in (0, 1] (DINO: 0.875; "
                                     "1 resizes the shorter side straight to data.image_size)")
+    # Every number has a range, checked here so that nothing passes loading and fails (or silently ruins
+    # work) later: inf/NaN anywhere, an over-large count that overflows an int64 product, a compression
+    # level the codec cannot write. (lo, hi, what): inclusive bounds unless `what` says otherwise.
+    big = 2**40  # counts (steps, samples, pixels): far above any real run, far below int64 overflow
+    ranges: dict[str, tuple[float, float]] = {
+        "seed": (0, 2**63 - 1),
+        "data.image_size": (1, 8192), "data.patch_size": (1, 8192), "data.batch_size": (1, 2**20),
+        "data.num_workers": (0, 1024), "data.max_failure_fraction": (0, 1), "data.max_image_pixels": (1, big),
+        "views.num_views": (1, 256), "views.crop_scale": (1e-6, 1), "views.crop_ratio": (1e-3, 1e3),
+        "views.hflip_prob": (0, 1), "masks.student_visible": (1e-9, 1),
+        "store.compression_level": (0, {"zstd": 22, "blosc": 9}.get(cfg.store.compression, 22)),
+        "store.chunk_samples": (1, 2**20), "store.shard_samples": (1, 2**24),
+        "store.joint_stats_samples": (0, big),
+        "student.mean": (0, 1), "student.std": (1e-3, 1),  # of pixels scaled to [0, 1]
+        "heads.decoder_depth": (0, 64), "heads.decoder_heads": (1, 1024), "heads.decoder_mlp_ratio": (1e-3, 64),
+        "heads.cca_ridge": (0, 1e6), "heads.collapse_min_std": (0, 1e6), "heads.collapse_patience": (1, big),
+        "gate.temperature": (1e-6, 1e6),
+        "loss.token_weight": (0, 1e6), "loss.map_weight": (0, 1e6), "loss.cls_weight": (0, 1e6),
+        "loss.token_temperature": (1e-6, 1e6), "loss.map_temperature": (1e-6, 1e6),
+        "optim.base_lr": (1e-12, 1e3), "optim.lr_reference_batch": (1, 2**30), "optim.betas": (0, 0.999999),
+        "optim.weight_decay": (0, 1e3), "optim.warmup_steps": (0, big), "optim.min_lr": (0, 1e3),
+        "optim.grad_clip": (0, 1e9),
+        "train.batch_size": (1, 2**20), "train.steps": (1, big), "train.num_workers": (0, 1024),
+        "train.shuffle_window": (1, 2**30), "train.checkpoint_every": (1, big), "train.keep_checkpoints": (1, 10**6),
+        "train.log_every": (1, big), "train.max_nonfinite_steps": (1, big),
+        "eval.batch_size": (1, 2**20), "eval.knn_k": (1, 10**6), "eval.knn_temperature": (1e-6, 1e6),
+        "eval.probe_epochs": (0, 10**6), "eval.probe_lr": (1e-12, 1e3), "eval.probe_weight_decay": (0, 1e3),
+        "eval.probe_batch_size": (1, 2**24), "eval.crop_fraction": (1e-3, 1),
+    }
+    for name in cfg.teachers:
+        ranges |= {f"teachers.{name}.visible": (1e-9, 1), f"teachers.{name}.mean": (0, 1),
+                   f"teachers.{name}.std": (1e-3, 1)}
+
+    def numbers(key: str, value: Any):  # (key, number) for every number under a config value
+        if isinstance(value, bool):
+            return
+        if isinstance(value, (int, float)):
+            yield key, value
+        elif isinstance(value, list):
+            for i, x in enumerate(value):
+                yield from numbers(f"{key}[{i}]", x)
+        elif isinstance(value, dict):
+            for k, x in value.items():
+                yield from numbers(f"{key}.{k}", x)
+
+    found = [("seed", cfg.seed)]
+    for sec in ("data", "views", "masks", "store", "student", "heads", "gate", "loss", "optim", "train", "eval"):
+        found += [x for f in dataclasses.fields(getattr(cfg, sec))
+                  for x in numbers(f"{sec}.{f.name}", getattr(getattr(cfg, sec), f.name))]
+    for name, tc in cfg.teachers.items():
+        found += [x for f in dataclasses.fields(tc) for x in numbers(f"teachers.{name}.{f.name}", getattr(tc, f.name))]
+    for key, x in found:
+        base = key.split("[")[0]
+        if isinstance(x, float) and not math.isfinite(x):
+            errors.append(f"{key} = {x!r}: every number must be finite")
+        elif base in ranges and not ranges[base][0] <= x <= ranges[base][1]:
+            lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in ranges[base])
+            extra = f" with store.compression = {cfg.store.compression!r}" if base == "store.compression_level" else ""
+            errors.append(f"{key} = {x!r} is outside its range [{lo}, {hi}]{extra}")
     if errors:
         raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
 
