@@ -83,17 +83,18 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from distill.checkpoint import ResumeError
+    from distill.collapse import TargetCollapseError
     from distill.train import NonFiniteLossError
     from extract.shards import ShardReadError
     from store_schema.store import StoreError
     user_errors = (ConfigError, StoreError, ResumeError, ShardReadError, ValueError, FileNotFoundError)
     try:
         return run(args)
-    except (NonFiniteLossError, *user_errors) as e:
+    except (NonFiniteLossError, TargetCollapseError, *user_errors) as e:
         if os.environ.get("COMAD_TRACEBACK"):
             raise
         print(f"comad-distill {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
+        return 1 if isinstance(e, (NonFiniteLossError, TargetCollapseError)) else 2
     finally:
         _end_distributed()
 

@@ -25,16 +25,16 @@ def _check_args(query: Tensor, targets: Tensor, visible: Tensor, variant: str, t
         raise ValueError(f"unknown gate variant {variant!r}; choose one of {', '.join(map(repr, GATE_VARIANTS))}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"gate temperature must be a finite number > 0, got {temperature!r}")
-    if query.dim() != 3:
-        raise ValueError(f"query must be (B, N, d), got shape {tuple(query.shape)}")
+    if query.dim() not in (3, 4):
+        raise ValueError(f"query must be (B, N, d), or (B, T, N, d) per teacher, got shape {tuple(query.shape)}")
     if targets.dim() != 4:
         raise ValueError(f"targets must be (B, T, N, d) (teachers on the full grid), got shape {tuple(targets.shape)}")
     b, t, n, d = targets.shape
     if t < 1:
         raise ValueError("targets hold no teacher (T = 0)")
-    if tuple(query.shape) != (b, n, d):
+    if tuple(query.shape) not in ((b, n, d), (b, t, n, d)):
         raise ValueError(f"query shape {tuple(query.shape)} does not match targets (B, T, N, d) = {(b, t, n, d)}: "
-                         f"expected {(b, n, d)}")
+                         f"expected {(b, n, d)} or {(b, t, n, d)}")
     if visible.dtype != torch.bool:
         raise TypeError(f"visible must be a bool mask, got dtype {visible.dtype}")
     if tuple(visible.shape) != (b, t, n):
@@ -54,8 +54,10 @@ def _scores(q: Tensor, t: Tensor, visible: Tensor, variant: str) -> Tensor:
     if variant == "mean":
         return torch.zeros(visible.shape, dtype=t.dtype, device=t.device)
     tn = F.normalize(t, dim=-1)  # zero rows stay zero, so invisible teachers add nothing below
+    qn = F.normalize(q, dim=-1)
+    qn = qn.unsqueeze(1) if qn.dim() == 3 else qn  # one query for all teachers, or one per teacher's head
     if variant == "affinity":
-        return (tn * F.normalize(q, dim=-1).unsqueeze(1)).sum(-1)
+        return (tn * qn).sum(-1)
     # Pairwise cosines (B, N, T, T) with the diagonal removed; invisible j are zero rows already.
     pair = torch.einsum("bknd,bjnd->bnkj", tn, tn)
     eye = torch.eye(pair.shape[-1], dtype=torch.bool, device=pair.device)
@@ -64,7 +66,7 @@ def _scores(q: Tensor, t: Tensor, visible: Tensor, variant: str) -> Tensor:
     agreement = pair.sum(-1).permute(0, 2, 1) / others  # 0 where k is the only teacher that saw i
     if variant == "agreement":
         return agreement
-    affinity = (tn * F.normalize(q, dim=-1).unsqueeze(1)).sum(-1)
+    affinity = (tn * qn).sum(-1)
     return 0.5 * (affinity + agreement)
 
 
@@ -75,7 +77,8 @@ def consensus_gate(query: Tensor, targets: Tensor, visible: Tensor, variant: str
 
     Args:
         query: (B, N, d) student query u_i (projector output where the student saw i, decoder output
-            elsewhere); detached here.
+            elsewhere), or (B, T, N, d) with one query per teacher (each teacher's own student head, for
+            loss-level fusion); detached here.
         targets: (B, T, N, d) adapted teacher tokens on the full grid; ignored where not visible.
         visible: (B, T, N) bool, teacher k saw token i.
         variant: one of GATE_VARIANTS.

@@ -10,6 +10,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from distill.basis import pca_map
+
 # timm's ViT normalisation (eps 1e-6); a partial so timm can pass device/dtype through.
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -99,7 +101,8 @@ class TeacherAdapter(nn.Module):
     """t̂ = LayerNorm(W t + b) without affine: (B, K, in_dim) -> (B, K, out_dim).
 
     Frozen by default (`trainable=False`): a trainable target-side map can collapse to a constant
-    that any student matches. `init_from_statistics` makes W the top principal directions.
+    that any student matches. `init_from_statistics` makes W the top principal directions of this
+    teacher alone; `set_map` installs a shared basis (distill.basis.cca_maps).
     """
 
     def __init__(self, in_dim: int, out_dim: int, trainable: bool, eps: float = 1e-6) -> None:
@@ -115,24 +118,18 @@ class TeacherAdapter(nn.Module):
 
     @torch.no_grad()
     def init_from_statistics(self, mean: Tensor, cov: Tensor) -> None:
-        """W = the out_dim leading eigenvectors of cov (rows, descending eigenvalue), b = -W mean.
-
-        Each row's sign is fixed so that its largest-magnitude component is positive: eigh's signs
-        are arbitrary, and a deterministic sign keeps runs and resumed runs identical.
-        """
-        if self.out_dim > self.in_dim:
-            raise ValueError(f"PCA init needs out_dim <= in_dim, got {self.out_dim} > {self.in_dim}; "
-                             "use heads.adapter_init = 'random' for a widening adapter")
+        """PCA: W = the out_dim leading eigenvectors of cov (rows, descending eigenvalue), b = -W mean."""
         if tuple(cov.shape) != (self.in_dim, self.in_dim):
             raise ValueError(f"cov must be ({self.in_dim}, {self.in_dim}), got {tuple(cov.shape)}")
         if tuple(mean.shape) != (self.in_dim,):
             raise ValueError(f"mean must be ({self.in_dim},), got {tuple(mean.shape)}")
-        cov64, mean64 = cov.detach().double().cpu(), mean.detach().double().cpu()
-        if not (torch.isfinite(cov64).all() and torch.isfinite(mean64).all()):
-            raise ValueError("teacher statistics contain non-finite values; re-run extraction statistics")
-        _, vecs = torch.linalg.eigh(0.5 * (cov64 + cov64.T))  # ascending eigenvalues, vectors in columns
-        w = vecs.flip(1)[:, : self.out_dim].T.contiguous()
-        pivot = w.abs().argmax(dim=1, keepdim=True)
-        w = w * torch.sign(w.gather(1, pivot))
-        self.proj.weight.copy_(w)
-        self.proj.bias.copy_(-(w @ mean64))
+        self.set_map(*pca_map(mean, cov, self.out_dim))
+
+    @torch.no_grad()
+    def set_map(self, weight: Tensor, bias: Tensor) -> None:
+        """Set W (out_dim, in_dim) and b (out_dim,), e.g. a shared basis from `distill.basis.cca_maps`."""
+        if tuple(weight.shape) != (self.out_dim, self.in_dim) or tuple(bias.shape) != (self.out_dim,):
+            raise ValueError(f"map must be W {(self.out_dim, self.in_dim)} and b ({self.out_dim},), got "
+                             f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+        self.proj.weight.copy_(weight)
+        self.proj.bias.copy_(bias)

@@ -1,17 +1,35 @@
-"""The training module: student + projector + decoder + frozen teacher adapters + gate + dual KL.
+"""The training module: student + projector + decoder + teacher adapters + gate + dual KL (+ CLS term).
 
-`CoMADDistiller.forward(batch)` is the whole method of DESIGN §5-7 for one batch; the trainer only
-adds optimisation. State-dict prefixes: `student.` (a plain timm ViT, what export keeps),
-`projector.`, `decoder.`, `adapters.<teacher>.`, `target_norm.<teacher>.` (stored feature mean/std,
-used only when loss.standardize_targets).
+`CoMADDistiller.forward(batch)` is the whole method for one batch; the trainer only adds optimisation.
+
+Targets: each teacher's patch tokens go through its adapter t̂_k = LN(W_k t_k + b_k) to the student's
+width. `heads.adapter_init` chooses W_k: "cca" (the default) maps every teacher into ONE shared basis
+fitted from the store's cross-teacher statistics (distill.basis.cca_maps), so the gate's agreement and
+the fused average compare like with like; "pca" gives each teacher its own principal directions (the
+first design: coordinates unrelated across teachers); "random" is random. Frozen unless
+`heads.adapter_trainable` (then the collapse guard in distill.collapse watches the target spread).
+
+Fusion (`heads.fusion`): "target" — the gate fuses the adapted teachers per token into one target
+that the projector (visible tokens) and the decoder (full map) match; "loss" — each teacher gets its
+own linear student head (the AM-RADIO / UNIC shape), the gate weights the per-teacher token losses per
+token, and the map losses by each teacher's mean gate weight.
+
+Global level (`loss.cls_weight` > 0): a linear head per teacher on the student's CLS matches that
+teacher's adapted CLS (token-level KL over channels), averaged over teachers.
+
+Adapters, heads on the target side, the gate and the losses run in float32 even inside a bf16 autocast:
+a τ = 0.1 softmax over cosines and log-softmax differences lose most of their bits in bf16.
+
+State-dict prefixes: `student.` (a plain timm ViT, what export keeps), `projector.`, `decoder.`,
+`adapters.<t>.`, `teacher_heads.<t>.`, `cls_heads.<t>.`, `target_norm.<t>.`.
 """
 from __future__ import annotations
-
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from distill.basis import cca_maps
 from distill.consensus_gate import consensus_gate, gate_statistics
 from distill.heads import MaskedDecoder, Projector, TeacherAdapter
 from distill.losses import MapKLLoss, TokenKLLoss
@@ -35,6 +53,20 @@ class TargetNorm(nn.Module):
         return (x - self.mean) / self.std
 
 
+def _grid(values: Tensor, idx: Tensor, n: int) -> Tensor:
+    """values (B, K, d) at grid indices idx (B, K) -> (B, N, d), zeros elsewhere."""
+    b, _, d = values.shape
+    return values.new_zeros(b, n, d).scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), values)
+
+
+def _at(grid: Tensor, idx: Tensor) -> Tensor:
+    """grid (..., N, d) gathered at idx (B, K) -> (..., K, d); grid is (B, N, d) or (B, T, N, d)."""
+    index = idx.unsqueeze(-1).expand(*idx.shape, grid.shape[-1])
+    if grid.dim() == 4:
+        index = index.unsqueeze(1).expand(-1, grid.shape[1], -1, -1)
+    return grid.gather(-2, index)
+
+
 class CoMADDistiller(nn.Module):
     def __init__(self, cfg: PipelineConfig, teacher_dims: dict[str, int]) -> None:
         """teacher_dims: feature width of each teacher, in the order the gate stacks them."""
@@ -45,30 +77,43 @@ class CoMADDistiller(nn.Module):
         self.teacher_names = cfg.distill_teachers
         self.student = build_student(cfg.student, cfg.data.image_size, cfg.data.patch_size)
         dim = self.student.embed_dim
-        h = cfg.heads
+        h, lo = cfg.heads, cfg.loss
         self.projector = Projector(dim)
         self.decoder = MaskedDecoder(dim, h.decoder_depth, h.decoder_heads, h.decoder_mlp_ratio, cfg.grid_size)
         self.adapters = nn.ModuleDict(
             {t: TeacherAdapter(teacher_dims[t], dim, trainable=h.adapter_trainable) for t in self.teacher_names})
-        self.standardize = cfg.loss.standardize_targets
+        self.fusion, self.adapter_init, self.cca_ridge = h.fusion, h.adapter_init, h.cca_ridge
+        if self.fusion == "loss":
+            self.teacher_heads = nn.ModuleDict({t: Projector(dim) for t in self.teacher_names})
+        self.cls_weight = lo.cls_weight
+        if self.cls_weight > 0:
+            self.cls_heads = nn.ModuleDict({t: Projector(dim) for t in self.teacher_names})
+        self.standardize = lo.standardize_targets
         if self.standardize:
             self.target_norm = nn.ModuleDict({t: TargetNorm(teacher_dims[t]) for t in self.teacher_names})
         # Trainable adapters learn through the targets; frozen ones (the default) keep them constant.
-        self.token_loss = TokenKLLoss(cfg.loss.token_temperature, detach_target=not h.adapter_trainable)
-        self.map_loss = MapKLLoss(cfg.loss.map_temperature, detach_target=not h.adapter_trainable)
-        self.token_weight, self.map_weight = cfg.loss.token_weight, cfg.loss.map_weight
+        self.token_loss = TokenKLLoss(lo.token_temperature, detach_target=not h.adapter_trainable)
+        self.map_loss = MapKLLoss(lo.map_temperature, detach_target=not h.adapter_trainable)
+        self.token_weight, self.map_weight = lo.token_weight, lo.map_weight
         self.gate_variant, self.gate_temperature = cfg.gate.variant, cfg.gate.temperature
         self.adapter_trainable = h.adapter_trainable
         self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.student.std).view(1, 1, 3, 1, 1), persistent=False)
 
-    @torch.no_grad()
-    def init_from_statistics(self, stats: dict[str, RunningStats], pca: bool) -> None:
-        """Set the standardisation buffers and (when `pca`) the adapters from each teacher's statistics.
+    # ------------------------------------------------------------------ initialisation
 
-        With standardised targets the adapter sees standardised features, so its PCA is taken of their
-        correlation matrix (mean 0) rather than of the raw covariance.
+    @torch.no_grad()
+    def init_from_statistics(self, stats: dict[str, RunningStats], pca: bool,
+                             joint: tuple[RunningStats, list[int]] | None = None) -> None:
+        """Set the standardisation buffers, and the adapters from the statistics.
+
+        stats: each teacher's own statistics (all its tokens); joint: the cross-teacher statistics at
+        co-visible tokens over self.teacher_names in order, with their widths (store_schema.joint_stats),
+        required for heads.adapter_init = "cca". `pca` initialises each adapter from its own statistics.
+        With standardised targets the adapter sees standardised features, so the statistics are
+        standardised the same way first.
         """
+        std_all = []
         for t in self.teacher_names:
             s = stats.get(t)
             if s is None or s.count < 2:
@@ -82,52 +127,112 @@ class CoMADDistiller(nn.Module):
                 std = std.clamp(min=max(_STD_FLOOR * float(std.median()), 1e-12))
                 self.target_norm[t].mean.copy_(mean)
                 self.target_norm[t].std.copy_(std)
+                std_all.append((mean, std))
                 mean, cov = torch.zeros_like(mean), cov / torch.outer(std, std)
             if pca:
                 self.adapters[t].init_from_statistics(mean, cov)
+        if joint is not None:
+            self._init_shared_basis(*joint, std_all)
 
-    def init_adapters(self, stats: dict[str, RunningStats]) -> None:
-        """PCA-initialise every adapter (heads.adapter_init = "pca") from FeatureStore.teacher_stats."""
-        self.init_from_statistics(stats, pca=True)
+    def _init_shared_basis(self, joint: RunningStats, dims: list[int], std_all: list[tuple[Tensor, Tensor]]) -> None:
+        mean, cov = torch.from_numpy(np.asarray(joint.mean)), torch.from_numpy(np.asarray(joint.cov))
+        if std_all:  # the adapters see (x - mean_t) / std_t: express the joint statistics the same way
+            mu = torch.cat([m for m, _ in std_all]).double()
+            sd = torch.cat([s for _, s in std_all]).double()
+            mean, cov = (mean - mu) / sd, cov / torch.outer(sd, sd)
+        maps, _ = cca_maps(mean, cov, dims, self.student.embed_dim, self.cca_ridge)
+        for t, (w, b) in zip(self.teacher_names, maps):
+            self.adapters[t].set_map(w, b)
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """One batch -> (loss, detached metrics).
 
         batch: pixels uint8 (B, Ks, 3, p, p); student_idx int64 (B, Ks); teacher_idx {t: (B, Kt)};
-        teacher_patch {t: float (B, Kt, D_t)}. Metrics: loss, loss_token, loss_map,
-        gate_weight/<t>, gate_entropy, covered_fraction, and target_var/<t> with trainable adapters.
+        teacher_patch {t: float (B, Kt, D_t)}; teacher_cls {t: float (B, D_t)} when loss.cls_weight > 0.
+        Metrics: loss, loss_token, loss_map, [loss_cls], gate_weight/<t>, gate_entropy, covered_fraction,
+        and target_std/<t> with trainable adapters.
         """
         idx = batch["student_idx"]
         pixels = (batch["pixels"].float() / 255.0 - self.pixel_mean) / self.pixel_std
         tokens, patch_tokens = student_forward(self.student, pixels, idx)
-        s = self.projector(patch_tokens)  # (B, Ks, d)
-        s_map = self.decoder(tokens, idx)  # (B, N, d)
-        b, n, d = s_map.shape
+        s, s_map = self.projector(patch_tokens), self.decoder(tokens, idx)  # (B, Ks, d), (B, N, d)
+        with torch.autocast(s.device.type, enabled=False):  # targets, gate and losses in float32
+            s, s_map, cls = s.float(), s_map.float(), tokens[:, 0].float()
+            targets, visible = self._targets(batch, s_map.shape[1])  # (B, T, N, d), (B, T, N)
+            fuse = self._fuse_targets if self.fusion == "target" else self._fuse_losses
+            loss_token, loss_map, weights = fuse(s, s_map, idx, targets, visible)
+            terms = [(self.token_weight, loss_token), (self.map_weight, loss_map)]
+            metrics = {"loss_token": loss_token.detach(), "loss_map": loss_map.detach()}
+            if self.cls_weight > 0:
+                loss_cls = self._cls_loss(cls, batch["teacher_cls"])
+                terms.append((self.cls_weight, loss_cls))
+                metrics["loss_cls"] = loss_cls.detach()
+            # A zero-weight term stays out of the graph: its head then gets no gradient at all (not NaN·0).
+            loss = sum(w * x for w, x in terms if w > 0)
+        metrics["loss"] = loss.detach()
+        metrics.update(self._gate_metrics(weights, visible, targets))
+        return loss, metrics
+
+    def _targets(self, batch: dict, n: int) -> tuple[Tensor, Tensor]:
+        """Adapted teacher tokens on the full grid (B, T, N, d), zero where unseen, and visibility (B, T, N)."""
         targets, visible = [], []
         for t in self.teacher_names:
             feats = batch["teacher_patch"][t].float()
             if self.standardize:
                 feats = self.target_norm[t](feats)
             t_idx = batch["teacher_idx"][t]
-            adapted = self.adapters[t](feats)  # (B, Kt, d)
-            targets.append(adapted.new_zeros(b, n, d).scatter(1, t_idx.unsqueeze(-1).expand(-1, -1, d), adapted))
-            visible.append(torch.zeros(b, n, dtype=torch.bool, device=s_map.device).scatter(1, t_idx, True))
-        targets_t, visible_t = torch.stack(targets, 1), torch.stack(visible, 1)  # (B, T, N, d), (B, T, N)
-        query = s_map.scatter(1, idx.unsqueeze(-1).expand(-1, -1, d), s)  # u: s_i where seen, s̃_i elsewhere
-        fused, weights = consensus_gate(query, targets_t, visible_t, self.gate_variant, self.gate_temperature)
+            targets.append(_grid(self.adapters[t](feats), t_idx, n))
+            visible.append(torch.zeros(t_idx.shape[0], n, dtype=torch.bool, device=t_idx.device).scatter(1, t_idx, True))
+        return torch.stack(targets, 1), torch.stack(visible, 1)
+
+    def _fuse_targets(self, s: Tensor, s_map: Tensor, idx: Tensor, targets: Tensor,
+                      visible: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One gated target t̄ per token; the projector matches it at V_s, the decoder over the covered map."""
+        query = s_map.scatter(1, idx.unsqueeze(-1).expand(-1, -1, s.shape[-1]), s)  # s_i where seen, s̃_i elsewhere
+        fused, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature)
         if self.adapter_trainable:  # same values; the gate weights stay gradient-free, the adapters get one
-            fused = (weights.unsqueeze(-1).to(targets_t.dtype) * targets_t).sum(1)
-        loss_token = self.token_loss(s, fused.gather(1, idx.unsqueeze(-1).expand(-1, -1, d)))
-        loss_map = self.map_loss(s_map, fused, visible_t.any(1))
-        # A zero-weight term stays out of the graph: its head then gets no gradient at all (not NaN·0).
-        loss = sum(w * x for w, x in ((self.token_weight, loss_token), (self.map_weight, loss_map)) if w > 0)
-        stats = gate_statistics(weights, visible_t)
-        metrics = {"loss": loss.detach(), "loss_token": loss_token.detach(), "loss_map": loss_map.detach(),
-                   "gate_entropy": stats["entropy"], "covered_fraction": stats["covered_fraction"]}
+            fused = (weights.unsqueeze(-1) * targets).sum(1)
+        return self.token_loss(s, _at(fused, idx)), self.map_loss(s_map, fused, visible.any(1)), weights
+
+    def _fuse_losses(self, s: Tensor, s_map: Tensor, idx: Tensor, targets: Tensor,
+                     visible: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A student head per teacher; gate-weighted per-teacher losses (weights detached)."""
+        heads = [self.teacher_heads[t] for t in self.teacher_names]
+        s_k = torch.stack([h(s) for h in heads], 1)  # (B, T, Ks, d)
+        map_k = torch.stack([h(s_map) for h in heads], 1)  # (B, T, N, d)
+        d = s.shape[-1]
+        query = map_k.scatter(2, idx[:, None, :, None].expand(-1, len(heads), -1, d), s_k)
+        _, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature)
+        tgt_k = _at(targets, idx)  # (B, T, Ks, d): every teacher saw every student token
+        b, k, ks, _ = s_k.shape
+        kl = self.token_loss.per_token(s_k.reshape(b * k, ks, d), tgt_k.reshape(b * k, ks, d)).view(b, k, ks)
+        loss_token = (_at(weights.unsqueeze(-1), idx).squeeze(-1) * kl).sum(1).mean()
+        share = gate_statistics(weights, visible)["teacher_weight"]
+        share = share / share.sum().clamp(min=1e-12)
+        loss_map = sum(share[j] * self.map_loss(map_k[:, j], targets[:, j], visible[:, j]) for j in range(k))
+        return loss_token, loss_map, weights
+
+    def _cls_loss(self, cls: Tensor, teacher_cls: dict[str, Tensor]) -> Tensor:
+        """Mean over teachers of the token-level KL between head_k(student CLS) and teacher k's adapted CLS."""
+        losses = []
+        for t in self.teacher_names:
+            feats = teacher_cls[t].float()
+            if self.standardize:
+                feats = self.target_norm[t](feats)
+            target = self.adapters[t](feats).unsqueeze(1)  # (B, 1, d)
+            losses.append(self.token_loss(self.cls_heads[t](cls).unsqueeze(1), target))
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def _gate_metrics(self, weights: Tensor, visible: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        stats = gate_statistics(weights, visible)
+        out = {"gate_entropy": stats["entropy"], "covered_fraction": stats["covered_fraction"]}
         for k, t in enumerate(self.teacher_names):
-            metrics[f"gate_weight/{t}"] = stats["teacher_weight"][k]
+            out[f"gate_weight/{t}"] = stats["teacher_weight"][k]
             if self.adapter_trainable:
-                # Variance across visible tokens, mean over channels: -> 0 when the adapter collapses.
-                seen = targets_t[:, k][visible_t[:, k]].detach().float()
-                metrics[f"target_var/{t}"] = seen.var(0).mean() if len(seen) > 1 else seen.new_zeros(())
-        return loss, metrics
+                # Spread across visible tokens, mean over channels: -> 0 when the adapter collapses.
+                seen = targets[:, k][visible[:, k]].float()
+                out[f"target_std/{t}"] = seen.std(0).mean() if len(seen) > 1 else seen.new_zeros(())
+        return out

@@ -63,9 +63,10 @@ class StoreBatches(torch.utils.data.IterableDataset):
 
     Each item: {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks),
     "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float16 or float32 (B,Kt,D)}}, the teachers being
-    distilled (train.teachers) in store order, CPU tensors. A float16 store's targets stay float16 (the
-    model converts them on its device: half the bytes through the loader and worker queue). CLS features,
-    view boxes and labels are not read: the trainer uses none of them.
+    distilled (train.teachers) in store order, CPU tensors, plus "teacher_cls" {t: (B,D)} when
+    loss.cls_weight > 0. A float16 store's targets stay float16 (the model converts them on its device:
+    half the bytes through the loader and worker queue). View boxes and labels are not read, nor CLS
+    features without a CLS term: the trainer uses none of them.
     Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
     """
 
@@ -85,6 +86,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.num_workers = max(1, cfg.train.num_workers)  # W logical workers
         self.num_views = store.num_views
         self.teachers = cfg.distill_teachers  # only these teachers' bytes are read
+        self.read_cls = cfg.loss.cls_weight > 0
         chunk = int(store.meta["chunk_samples"])  # the store's own chunking, not this config's
 
         # Blocks are fixed here, from the units complete now: workers must not list units again, or
@@ -182,7 +184,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
             return store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
-                                    meta=False, cls=False, keep_float16=True)
+                                    meta=False, cls=self.read_cls, keep_float16=True)
 
         def rows_of(k: int, data: dict[str, Any]) -> dict[str, Any]:
             block = int(order[k])
@@ -190,12 +192,15 @@ class StoreBatches(torch.utils.data.IterableDataset):
             # A slice is a view; fancy indexing would copy every target array once more.
             rows = self.kept_rows[block][take] if block in self.kept_rows else take
             teachers = data["teachers"]
-            return {
+            out = {
                 "pixels": data["pixels"][rows],
                 "student_idx": data["student_idx"][rows],
                 "teacher_idx": {t: v["idx"][rows] for t, v in teachers.items()},
                 "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
             }
+            if self.read_cls:
+                out["teacher_cls"] = {t: v["cls"][rows] for t, v in teachers.items()}
+            return out
 
         ks = range(first, last + 1)
         blocks = list(pool.map(read, ks))

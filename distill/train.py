@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint, load_checkpoint, read_meta,
                                 save_checkpoint)
+from distill.collapse import CollapseGuard
 from distill.model import CoMADDistiller
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point
+from store_schema.joint_stats import read_joint_stats
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,10 +158,13 @@ def to_device(x: Any, device: torch.device) -> Any:
     return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
 
 
+def needs_statistics(cfg: PipelineConfig) -> bool:
+    return cfg.heads.adapter_init in ("pca", "cca") or cfg.loss.standardize_targets
+
+
 def open_store(cfg: PipelineConfig):
     """The checked FeatureStore, or None when online targets need no statistics from it."""
-    needs_stats = cfg.heads.adapter_init == "pca" or cfg.loss.standardize_targets
-    if cfg.train.targets == "online" and not needs_stats:
+    if cfg.train.targets == "online" and not needs_statistics(cfg):
         return None
     from distill.store_dataset import check_store_matches
     try:
@@ -167,10 +172,25 @@ def open_store(cfg: PipelineConfig):
     except Exception as e:
         if cfg.train.targets != "online":
             raise
-        raise ConfigError(f"online targets with heads.adapter_init = \"pca\" or loss.standardize_targets need "
+        raise ConfigError(f"online targets with heads.adapter_init = \"pca\" or \"cca\" or loss.standardize_targets need "
                           f"the store's teacher statistics, but the store cannot be used: {e}\nSet "
                           "heads.adapter_init = \"random\" and loss.standardize_targets = false, or extract a "
                           "store first") from e
+
+
+def target_statistics(cfg: PipelineConfig, store) -> tuple[dict | None, tuple | None]:
+    """(each teacher's statistics or None, (joint statistics, widths) or None) for the adapters' init."""
+    if store is None or not needs_statistics(cfg):
+        return None, None
+    stats = {t: store.teacher_stats(t) for t in cfg.distill_teachers}
+    if cfg.heads.adapter_init != "cca":
+        return stats, None
+    joint, dims, rec = read_joint_stats(store, cfg.distill_teachers)
+    if rec.get("units_digest") != store.units_digest()[1]:
+        warnings.warn(f"{store.root}: the cross-teacher statistics ({rec['samples']} samples) were computed before "
+                      "the store last changed; they still give a valid basis, `comad-store joint-stats "
+                      f"{store.root}` refreshes them")
+    return stats, (joint, dims)
 
 
 def data_identity(cfg: PipelineConfig, store) -> dict[str, Any]:
@@ -278,9 +298,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     dims = None if store is None else {t: store.teacher_meta(t).dim for t in store.teachers}
-    stats = None
-    if store is not None and (cfg.heads.adapter_init == "pca" or cfg.loss.standardize_targets):
-        stats = {t: store.teacher_stats(t) for t in cfg.distill_teachers}
+    stats, joint = target_statistics(cfg, store)
     live = None
     if cfg.train.targets == "online":
         from extract.online import LiveTeachers
@@ -291,7 +309,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         dims = live.dims
     model = CoMADDistiller(cfg, dims)
     if stats is not None:
-        model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca")
+        model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     optimizer = build_optimizer(model, cfg, world)
     scheduler = build_scheduler(optimizer, cfg, world)
     # The scheduler is not prepared: accelerate would step it once per process.
@@ -307,6 +325,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     log = MetricLog(run_dir, step, main)
     last_row: dict[str, Any] = {}
     consecutive_bad = total_bad = 0
+    collapse = CollapseGuard(cfg)
     batches = make_batches(cfg, rank, world, step) if step < tr.steps else iter(())
     bar = tqdm(total=tr.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     model.train()
@@ -318,6 +337,9 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
                     batch = live(batch)
             metrics, applied = train_step(model, batch, optimizer, scheduler, accelerator, cfg.optim.grad_clip)
             step += 1
+            warned = collapse.update(step, metrics, lambda x: accelerator.reduce(x.to(accelerator.device), "mean"))
+            if warned and main:
+                tqdm.write(warned)
             log.add(metrics, applied)
             bar.update(1)
             consecutive_bad = 0 if applied else consecutive_bad + 1

@@ -55,8 +55,9 @@ from store_schema.config import ConfigError, PipelineConfig
 from store_schema.faults import fault_point
 from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
 from store_schema.inspection import RUNS_GROUP
+from store_schema.joint_stats import fit_joint_stats
 from store_schema.lock import acquire_writer_lock, release_writer_lock
-from store_schema.store import FeatureStore, TeacherMeta, unit_name
+from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
 from store_schema.writer import TeacherRows, UnitRows
 
 log = logging.getLogger("comad.extract")
@@ -369,6 +370,15 @@ def exclude_duplicate_keys(store: FeatureStore, urls: list[str]) -> int:
     return n
 
 
+def _fit_joint_stats(cfg: PipelineConfig, store: FeatureStore) -> str:
+    """Cross-teacher statistics for the shared target basis (store_schema.joint_stats), read back from the store."""
+    try:
+        rec = fit_joint_stats(store, cfg.store.joint_stats_samples)
+    except StoreError as e:  # e.g. too few samples yet: training names the command that adds them later
+        return f"not computed: {e}"
+    return f"{rec['samples']} samples, {rec['count']} co-visible tokens"
+
+
 def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: list[dict], run_id: str,
             started: float) -> dict[str, Any]:
     """Rank 0, after every process: exclude duplicates, merge statistics, build and record the summary."""
@@ -378,6 +388,7 @@ def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: 
     errors += [f"input tar not read: {f['reason']} (recorded as a failed unit; a rerun retries it)" for f in failed]
     duplicates = exclude_duplicate_keys(store, urls)
     counts = store.finalize_stats()
+    joint = _fit_joint_stats(cfg, store)
     stored, skipped = sum(r["stored_total"] for r in ok), sum(r["skipped_total"] for r in ok)
     if not errors:
         try:
@@ -398,6 +409,7 @@ def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: 
         "images": images, "views": images * cfg.views.num_views,
         "skipped": sum(reasons.values()), "skipped_by_reason": dict(sorted(reasons.items())),
         "duplicate_keys_excluded": duplicates,
+        "joint_stats": joint,
         "store_images": sum(u.n_samples - len(u.excluded_rows) for u in store.units()),
         "failure_fraction": skipped / max(stored + skipped, 1),
         "bytes_written": sum(c["bytes"] for r in ok for c in r["committed"]),

@@ -10,7 +10,8 @@ import sys
 from typing import Any
 
 from .fingerprint import StoreMismatchError
-from .store import StoreError
+from .joint_stats import GROUP, fit_joint_stats
+from .store import FeatureStore, StoreError
 from .inspection import inspect_store
 from .validate import validate_store
 
@@ -115,9 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec option, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    p = sub.add_parser("joint-stats", help="compute the cross-teacher statistics a shared (CCA) target basis is "
+                                           "fitted from, from the stored features (no teacher runs)")
+    p.add_argument("root", help="store root: a local path or an fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--samples", type=int, default=4096, help="samples to read, view 0 (0 = all; default 4096, "
+                                                              "the shipped store.joint_stats_samples)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
     args = ap.parse_args(argv)
     options = parse_storage_options(args.storage_option)
     try:
+        if args.command == "joint-stats":
+            return _joint_stats(args, options)
         if args.command == "inspect":
             info = inspect_store(args.root, options)
             print(json.dumps(info, indent=2, default=str) if args.json else format_inspect(info))
@@ -142,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.root}: ok ({checked['units']} complete units, {checked['rows']} rows, "
               f"{checked['arrays']} arrays, {_size(checked['bytes'])} read and checked)")
     return 1 if problems else 0
+
+
+def _joint_stats(args: argparse.Namespace, options: dict[str, Any] | None) -> int:
+    if args.samples < 0:
+        _fail(args, f"--samples {args.samples} must be >= 0 (0 = every sample)")
+        return 2
+    store = FeatureStore.open(args.root, mode="r+", storage_options=options)
+    record = fit_joint_stats(store, args.samples)
+    if args.json:
+        print(json.dumps({"root": args.root, "ok": True, **record}, indent=2))
+    else:
+        print(f"{args.root}: cross-teacher statistics of {', '.join(record['teachers'])} from {record['samples']} "
+              f"samples ({record['count']} co-visible tokens) written to {GROUP}/")
+    return 0
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:

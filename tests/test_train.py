@@ -245,7 +245,7 @@ def test_trainable_adapters_log_target_variance_and_learn(store_root):
     loss, metrics = model(batch)
     for t in TEACHERS:
         # LayerNorm'd PCA features of distinct tokens: per-channel variance over tokens near 1, never 0
-        assert 0.5 < float(metrics[f"target_var/{t}"]) < 2.0
+        assert 0.7 < float(metrics[f"target_std/{t}"]) < 1.42  # ~1 for LayerNorm'd targets that vary
     loss.backward()
     for t in TEACHERS:  # the option is real: gradient reaches every adapter through the fused target
         grad = model.adapters[t].proj.weight.grad if hasattr(model.adapters[t], "proj") else \

@@ -35,6 +35,10 @@ class TokenKLLoss(nn.Module):
 
     def forward(self, student: Tensor, target: Tensor) -> Tensor:
         """student, target: (B, K, d) -> scalar loss."""
+        return self.per_token(student, target).mean()
+
+    def per_token(self, student: Tensor, target: Tensor) -> Tensor:
+        """student, target: (B, K, d) -> (B, K) τ² · KL per token (for per-token weighting)."""
         if student.dim() != 3 or student.shape != target.shape:
             raise ValueError(f"student {tuple(student.shape)} and target {tuple(target.shape)} must both be (B, K, d)")
         if student.shape[1] == 0:
@@ -42,8 +46,7 @@ class TokenKLLoss(nn.Module):
         tau = self.temperature
         log_p_s = F.log_softmax(upcast(student) / tau, dim=-1)
         log_p_t = F.log_softmax(upcast(target.detach() if self.detach_target else target) / tau, dim=-1)
-        kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)  # (B, K)
-        return tau**2 * kl.mean()
+        return tau**2 * F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
