@@ -57,7 +57,8 @@ from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fing
 from store_schema.inspection import RUNS_GROUP
 from store_schema.joint_stats import fit_joint_stats
 from store_schema.lock import acquire_writer_lock, release_writer_lock
-from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
+from store_schema.oserrors import STORE_OS_ERRORS, explain
+from store_schema.store import FeatureStore, StoreError, TeacherMeta, raise_store_error, unit_name
 from store_schema.writer import TeacherRows, UnitRows
 
 log = logging.getLogger("comad.extract")
@@ -156,6 +157,8 @@ def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None) -> 
     rank, world, own_group = _init_distributed()
     try:
         return _run(cfg, storage_options, rank, world)
+    except STORE_OS_ERRORS as e:  # a full disk, no permission, a torn zarr.json: one line, not a traceback
+        raise_store_error(cfg.store.root, e)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -185,7 +188,14 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
             local, err = None, e
         results = _gather({"rank": rank, "result": local,
                            "error": None if err is None else _describe(err, rank, world)}, world)
-        summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started) if rank == 0 else None, world)
+        try:
+            summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started) if rank == 0 else None,
+                             world)
+        except Exception as e:  # noqa: BLE001 — e.g. the disk that stopped the writer also fails the merge
+            if err is None:
+                raise
+            log.error("closing the run failed too: %s", explain(cfg.store.root, e) or f"{type(e).__name__}: {e}")
+            raise err from None  # the first failure is the one to report
         summary = _gather(summary, world)[0]
     finally:
         if rank == 0:

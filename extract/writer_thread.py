@@ -12,6 +12,7 @@ from typing import Any
 from zarr.core.sync import sync
 
 from store_schema.faults import fault_point
+from store_schema.oserrors import explain
 from store_schema.store import FeatureStore
 from store_schema.writer import UnitWriter
 
@@ -60,7 +61,9 @@ class BackgroundWriter:
 
     def raise_failure(self) -> None:
         if self.error is not None:
-            raise ExtractionError(f"the store writer failed: {type(self.error).__name__}: {self.error}") from self.error
+            e = self.error
+            why = explain(self.store.root, e, "writing a unit") or f"{type(e).__name__}: {e}"
+            raise ExtractionError(f"the store writer failed: {why}") from e
 
     def _run(self) -> None:
         while True:

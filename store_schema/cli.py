@@ -13,6 +13,7 @@ from .fingerprint import StoreMismatchError
 from .joint_stats import GROUP, fit_joint_stats
 from .store import FeatureStore, StoreError
 from .inspection import inspect_store
+from .oserrors import explain
 from .validate import validate_store
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         checked: dict[str, int] = {}
         problems = validate_store(args.root, options, checked)
     except (StoreError, StoreMismatchError, OSError) as e:
-        _fail(args, str(e))
+        _fail(args, (explain(args.root, e) if isinstance(e, OSError) else None) or str(e))
         return 2
     except Exception as e:  # a store so damaged that even its metadata fails: a message, not a traceback
         _fail(args, f"cannot read {args.root}: {type(e).__name__}: {e}")

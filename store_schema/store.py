@@ -30,10 +30,12 @@ from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
+from .oserrors import STORE_OS_ERRORS, explain
 from .stats import RunningStats
 
 ROOT_ATTR, UNIT_ATTR, TEACHER_ATTR = "comad", "comad_unit", "comad_teacher"
 VIEW_PARAMS = 5  # top, left, height, width (normalised to the source image), flip
+UNREADABLE = "unreadable"  # unit_record()'s status for a unit whose zarr.json is missing or torn
 
 
 class StoreError(RuntimeError):
@@ -77,6 +79,14 @@ class FeatureStore:
     def create(cls, root: str, cfg: PipelineConfig, teachers: dict[str, TeacherMeta],
                storage_options: dict | None = None) -> "FeatureStore":
         """Create the root metadata, or reopen a store written with the same fingerprint (resume)."""
+        try:
+            return cls._create(root, cfg, teachers, storage_options)
+        except STORE_OS_ERRORS as e:
+            raise_store_error(root, e, "creating or opening the store")
+
+    @classmethod
+    def _create(cls, root: str, cfg: PipelineConfig, teachers: dict[str, TeacherMeta],
+                storage_options: dict | None) -> "FeatureStore":
         fp = fingerprint_from_config(cfg, {k: v.weights_sha256 for k, v in teachers.items()})
         if _group_exists(root, storage_options):
             store = cls.open(root, mode="r+", storage_options=storage_options)
@@ -115,9 +125,12 @@ class FeatureStore:
     def open(cls, root: str, mode: str = "r", expect: dict[str, Any] | None = None,
              fields: tuple[str, ...] | None = None, storage_options: dict | None = None) -> "FeatureStore":
         """Open an existing store; with `expect`, refuse one whose fingerprint differs (fields named)."""
-        if not _group_exists(root, storage_options):
-            raise StoreError(f"no store at {root!r}: run comad-extract first, or fix store.root")
-        store = cls(zarr.open_group(root, mode=mode, storage_options=storage_options), root)
+        try:
+            if not _group_exists(root, storage_options):
+                raise StoreError(f"no store at {root!r}: run comad-extract first, or fix store.root")
+            store = cls(zarr.open_group(root, mode=mode, storage_options=storage_options), root)
+        except STORE_OS_ERRORS as e:
+            raise_store_error(root, e, "opening the store")
         found = str(store.meta.get("schema_version", "0"))
         if found.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise StoreMismatchError(
@@ -149,37 +162,47 @@ class FeatureStore:
     def teacher_meta(self, name: str) -> TeacherMeta:
         return TeacherMeta(**self.meta["teachers"][name])
 
+    def unit_names(self) -> list[str]:
+        """Unit groups by a listing: zarr's group_keys() fails outright on the first torn zarr.json."""
+        prefix = f"{self.group.path}/units" if self.group.path else "units"
+        return sorted(n.strip("/") for n in sync(_collect(self.group.store.list_dir(prefix)))
+                      if n.strip("/") != "zarr.json")
+
     def units(self, complete_only: bool = True) -> list[UnitInfo]:
         """Units in name order; a unit is complete when its record and every teacher's are written."""
         out = []
-        units = self.group["units"]
-        for name in sorted(units.group_keys()):
+        for name in self.unit_names():
             info = self.unit_info(name)
             if info.complete or not complete_only:
                 out.append(info)
         return out
 
     def unit_info(self, name: str) -> UnitInfo:
-        g = self.group[f"units/{name}"]
-        rec = dict(g.attrs).get(UNIT_ATTR, {})
-        done = []
-        if "teachers" in g:
-            for t in g["teachers"].group_keys():
-                if dict(g[f"teachers/{t}"].attrs).get(TEACHER_ATTR, {}).get("status") == "complete":
-                    done.append(t)
+        """A unit whose metadata is missing or torn (a killed write, a full disk) is incomplete: redone on resume."""
+        try:
+            g = self.group[f"units/{name}"]
+            rec = dict(g.attrs).get(UNIT_ATTR, {})
+            done = []
+            if "teachers" in g:
+                for t in g["teachers"].group_keys():
+                    if dict(g[f"teachers/{t}"].attrs).get(TEACHER_ATTR, {}).get("status") == "complete":
+                        done.append(t)
+        except (KeyError, ValueError):  # no zarr.json / not JSON (json.JSONDecodeError is a ValueError)
+            return UnitInfo(name, "?", 0, False, ())
         base_done = rec.get("status") == "complete"
         complete = base_done and all(t in done for t in self.teachers)
         return UnitInfo(name, rec.get("source", "?"), int(rec.get("n_samples", 0)), complete,
                         tuple(t for t in self.teachers if t in done), tuple(rec.get("excluded_rows", ())))
 
     def unit_record(self, name: str) -> dict[str, Any]:
-        return dict(self.group[f"units/{name}"].attrs).get(UNIT_ATTR, {})
+        try:
+            return dict(self.group[f"units/{name}"].attrs).get(UNIT_ATTR, {})
+        except (KeyError, ValueError):
+            return {"status": UNREADABLE}
 
     def is_complete(self, source_url: str, teachers: list[str] | None = None) -> bool:
         name = unit_name(source_url)
-        if name not in self.group["units"]:
-            return False
-        info = self.unit_info(name)
+        info = self.unit_info(name)  # a unit that does not exist reads as incomplete
         rec = self.unit_record(name)
         need = self.teachers if teachers is None else teachers
         return rec.get("status") == "complete" and all(t in info.teachers_complete for t in need)
@@ -361,6 +384,14 @@ async def _collect(agen) -> list[str]:
 
 def _digest(units: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(units)).encode()).hexdigest()
+
+
+def raise_store_error(root: str, e: BaseException, doing: str = ""):
+    """Raise `e` as a one-line StoreError when it is a known store-side failure (oserrors.explain), else as is."""
+    msg = explain(root, e, doing)
+    if msg is None:
+        raise e
+    raise StoreError(msg) from e
 
 
 def _group_exists(root: str, storage_options: dict | None) -> bool:

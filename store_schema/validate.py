@@ -77,7 +77,7 @@ def validate_store(root: str, storage_options: dict | None = None,
     counts = {"units": 0, "rows": 0, "arrays": 0, "bytes": 0}
     if _check_root(store.meta, rep):
         try:
-            names = sorted(store.group["units"].group_keys())
+            names = store.unit_names()
         except Exception as e:
             rep.add("units", "the units group cannot be listed", f"{type(e).__name__}: {e}")
             names = []

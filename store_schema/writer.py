@@ -67,8 +67,7 @@ class UnitWriter:
         self.compressors = compressors_for(m["compression"], m["compression_level"])
         units = store.group["units"]
         if self.base:
-            if self.name in units:  # an interrupted earlier attempt: redo from scratch
-                _delete_dir(store, self.path)
+            _delete_dir(store, self.path)  # an interrupted (or torn) earlier attempt: redo from scratch
             self.group = units.create_group(self.name, attributes={UNIT_ATTR: {"source": source_url, "status": "writing"}})
             self.stored_keys = None
         else:
