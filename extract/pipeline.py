@@ -18,8 +18,11 @@ Decisions a user meets:
 - data.max_failure_fraction bounds skipped / (stored + skipped) samples, counted over this process's
   units including those completed by earlier runs (so a rerun stops again at the same place); checked
   after every unit and, over all processes, at the end.
-- A key stored by more than one unit: the unit first in input order keeps it; later rows are excluded
-  (store.exclude_rows, reason names the other unit). Their features stay in the statistics.
+- A key stored by more than one unit: a unit stored by an earlier run with other inputs keeps it, else the
+  unit first in input order; later rows are excluded (store.exclude_rows, reason names the other unit;
+  extract/resume.py). Their features stay in the statistics.
+- On an existing store, its layout (shard/chunk size, compression) and data.max_image_pixels stay in force;
+  a configuration asking for others gets a warning naming the key and the value in force (extract/resume.py).
 - data.batch_size counts images per teacher forward: a batch holds max(1, batch_size // num_views)
   samples of one tar, all views each.
 - The run summary is appended to the attributes of the store group `extract_runs` (key "runs").
@@ -45,9 +48,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from extract.prepare import Chunk, PreparedTars, teacher_forward
+from extract.progress import Progress
+from extract.resume import exclude_duplicate_keys, settle_config
 from extract.shards import ShardReadError, expand_urls
 from extract.teachers import load_teacher
 from extract.writer_thread import BackgroundWriter, ExtractionError
@@ -182,6 +186,9 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
             store = _agree(lambda: _open_as_follower(cfg, metas, storage_options), world)
         else:
             _agree(lambda: None, world)
+        cfg, warnings = settle_config(cfg, store)  # the store's layout and pixel limit stay in force
+        for w in warnings if rank == 0 else []:
+            log.warning("%s", w)
         try:
             local, err = _extract_units(cfg, store, models, mine, rank), None
         except Exception as e:  # noqa: BLE001 — reported to every rank, raised below
@@ -189,7 +196,7 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
         results = _gather({"rank": rank, "result": local,
                            "error": None if err is None else _describe(err, rank, world)}, world)
         try:
-            summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started) if rank == 0 else None,
+            summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started, warnings) if rank == 0 else None,
                              world)
         except Exception as e:  # noqa: BLE001 — e.g. the disk that stopped the writer also fails the merge
             if err is None:
@@ -237,7 +244,7 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
     chunks = iter(loader) if pending else iter(())  # fork the decoding workers before the writer thread exists
     writer = BackgroundWriter(store)
     out = {"images": 0, "reasons": Counter(), "notes": [], "failed": [], "opened": set(), "seconds": 0.0}
-    progress = _Progress(len(mine), len(mine) - len(pending), show=rank == 0)
+    progress = Progress(len(mine), len(mine) - len(pending), show=rank == 0)
     t0 = time.time()
     try:
         for chunk in chunks:
@@ -282,25 +289,6 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
     return {"images": out["images"], "reasons": dict(out["reasons"]), "notes": out["notes"], "failed": out["failed"],
             "committed": writer.committed, "stored_total": stored, "skipped_total": skipped,
             "already_complete": len(mine) - len(pending), "seconds": out["seconds"]}
-
-
-class _Progress:
-    """Tars done: a tqdm bar on a terminal, else (batch jobs, torchrun) a log line per tar; rank 0 only."""
-
-    def __init__(self, total: int, done: int, show: bool):
-        self.total, self.done, self.done_before, self.t0 = total, done, done, time.time()
-        self.bar = tqdm(total=total, initial=done, unit="tar", desc="extract", disable=None if show else True)
-        self.log = show and self.bar.disable
-
-    def tar_done(self, images: int) -> None:
-        self.done += 1
-        elapsed = max(time.time() - self.t0, 1e-9)
-        self.bar.update(1)
-        self.bar.set_postfix_str(f"{images} img, {images / elapsed:.1f} img/s")
-        if self.log:
-            eta = elapsed / (self.done - self.done_before) * (self.total - self.done)
-            log.info("%d/%d tars, %d images, %.1f images/s, ETA %.0f s", self.done, self.total, images,
-                     images / elapsed, eta)
 
 
 def _describe(err: Exception, rank: int, world: int) -> str:
@@ -355,31 +343,6 @@ def _reason_kind(reason: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- closing
 
-def exclude_duplicate_keys(store: FeatureStore, urls: list[str]) -> int:
-    """Keys stored by several complete units: the first unit in input order keeps them. Idempotent."""
-    first: dict[str, tuple[str, str]] = {}
-    n = 0
-    for url in urls:
-        if not store.is_complete(url):
-            continue
-        name = unit_name(url)
-        rec = store.unit_record(name)
-        excluded = set(rec.get("excluded_rows", []))
-        rows, reasons = [], []
-        for r, key in enumerate(rec.get("keys", [])):
-            if r in excluded:
-                continue
-            if key in first:
-                rows.append(r)
-                reasons.append(f"duplicate key {key!r}: already stored by unit {first[key][0]} ({first[key][1]})")
-            else:
-                first[key] = (name, url)
-        if rows:
-            store.exclude_rows(name, rows, reasons)
-            n += len(rows)
-    return n
-
-
 def _fit_joint_stats(cfg: PipelineConfig, store: FeatureStore) -> str:
     """Cross-teacher statistics for the shared target basis (store_schema.joint_stats), read back from the store."""
     try:
@@ -390,13 +353,13 @@ def _fit_joint_stats(cfg: PipelineConfig, store: FeatureStore) -> str:
 
 
 def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: list[dict], run_id: str,
-            started: float) -> dict[str, Any]:
+            started: float, warnings: list[str]) -> dict[str, Any]:
     """Rank 0, after every process: exclude duplicates, merge statistics, build and record the summary."""
     ok = [r["result"] for r in results if r["result"] is not None]
     errors = [r["error"] for r in results if r["error"]]
     failed = [f for r in ok for f in r["failed"]]
     errors += [f"input tar not read: {f['reason']} (recorded as a failed unit; a rerun retries it)" for f in failed]
-    duplicates = exclude_duplicate_keys(store, urls)
+    duplicates = exclude_duplicate_keys(store, urls, [c["unit"] for r in ok for c in r["committed"]])
     counts = store.finalize_stats()
     joint = _fit_joint_stats(cfg, store)
     stored, skipped = sum(r["stored_total"] for r in ok), sum(r["skipped_total"] for r in ok)
@@ -427,7 +390,7 @@ def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: 
         "stats_count": counts, "notes": notes[:20], "notes_total": len(notes),
         "units_by_rank": {str(r["rank"]): [c["unit"] for c in (r["result"] or {}).get("committed", [])]
                           for r in results},
-        "errors": errors,
+        "config_ignored": warnings, "errors": errors,
     }
     group = store.group.require_group(SUMMARY_GROUP)
     group.attrs.put({"runs": list(dict(group.attrs).get("runs", [])) + [summary]})

@@ -1,0 +1,85 @@
+"""What a run does with what earlier runs left in the store: settings in force, duplicate keys across runs.
+
+- Settings a store is written with once (its layout: shard/chunk size, compression; and the decoder's
+  pixel limit, which decides what every unit keeps) stay those of the store on a rerun: a configuration
+  that asks for other values gets a warning naming the key and the value in force (`settle_config`). The
+  values that make data incompatible (fingerprint: masks, views, teachers, dtype, seed) are refused
+  earlier, by FeatureStore.create.
+- A key stored by several complete units, whichever runs wrote them (`exclude_duplicate_keys`): a unit
+  that was complete before this run keeps its keys over one this run wrote (rows readers may already have
+  used are never taken away); the order is: earlier units not among this run's inputs (by name), earlier
+  units among them (input order), then this run's units (input order). Rows already excluded stay
+  excluded, so the pass is idempotent; since the usable rows were unique before the run, only rows of
+  units written by this run are excluded (a store written before this rule may have duplicates between
+  earlier units: the same order settles them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from store_schema.config import PipelineConfig
+from store_schema.store import FeatureStore, unit_name
+
+log = logging.getLogger("comad.extract")
+
+# config key -> where the store keeps the value it was written with
+_IN_FORCE = {
+    "store.shard_samples": ("meta", "shard_samples"),
+    "store.chunk_samples": ("meta", "chunk_samples"),
+    "store.compression": ("meta", "compression"),
+    "store.compression_level": ("meta", "compression_level"),
+    "data.max_image_pixels": ("config", "data", "max_image_pixels"),
+}
+_WHY = {"data.max_image_pixels": "so that every unit of the store is filtered alike"}
+
+
+def settle_config(cfg: PipelineConfig, store: FeatureStore) -> tuple[PipelineConfig, list[str]]:
+    """cfg with the store's values of the keys above, and one warning per value that differed."""
+    warnings, changes = [], {}
+    for key, where in _IN_FORCE.items():
+        node: Any = store.meta if where[0] == "meta" else store.meta.get("config", {})
+        for part in where[1:]:
+            node = node.get(part) if isinstance(node, dict) else None
+        section, name = key.split(".")
+        given = getattr(getattr(cfg, section), name)
+        if node is None or node == given:
+            continue  # a store written before the key existed: nothing to compare
+        changes.setdefault(section, {})[name] = node
+        why = _WHY.get(key, "a store has one layout")
+        warnings.append(f"{key} = {given!r} is ignored: {cfg.store.root} was written with {key} = {node!r}, which "
+                        f"stays in force ({why}); use a new store.root to change it")
+    for section, values in changes.items():
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+    return cfg, warnings
+
+
+def exclude_duplicate_keys(store: FeatureStore, urls: list[str], new_units: list[str] = ()) -> int:
+    """Exclude the later rows of keys stored by several complete units (order in the module docstring).
+
+    `new_units`: the units this run wrote (all others count as earlier)."""
+    complete = {u.name for u in store.units()}
+    listed = [unit_name(u) for u in urls]
+    new = set(new_units)
+    order = sorted(complete - set(listed) - new)
+    order += [n for n in listed if n in complete and n not in new]
+    order += [n for n in listed if n in complete and n in new]
+    first: dict[str, str] = {}
+    n = 0
+    for name in order:
+        rec = store.unit_record(name)
+        excluded = set(rec.get("excluded_rows", []))
+        rows, reasons = [], []
+        for r, key in enumerate(rec.get("keys", [])):
+            if r in excluded:
+                continue
+            if key in first:
+                rows.append(r)
+                reasons.append(f"duplicate key {key!r}: already stored by unit {first[key]}")
+            else:
+                first[key] = f"{name} ({rec.get('source', '?')})"
+        if rows:
+            store.exclude_rows(name, rows, reasons)
+            n += len(rows)
+    return n
