@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline TOML file (the shipped pipeline.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.num_workers=8 (repeatable)")
+    p.add_argument("--redo-changed", action="store_true",
+                   help="re-extract inputs whose size or mtime/ETag changed since their unit was written "
+                        "(without it such a run is refused, naming them)")
     return p
 
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = load_config(args.config, args.overrides)
-        run_extraction(cfg)
+        run_extraction(cfg, redo_changed=args.redo_changed)
     # Every process ends with the same error (rank 0's message names what failed where): print it once.
     except (ConfigError, StoreError, StoreMismatchError) as e:
         _say(rank, f"comad-extract: error: {e}")

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from extract.prepare import Chunk, PreparedTars, teacher_forward
 from extract.progress import Progress
-from extract.resume import exclude_duplicate_keys, settle_config
+from extract.resume import changed_sources, exclude_duplicate_keys, settle_config
 from extract.shards import ShardReadError, expand_urls
 from extract.teachers import load_teacher
 from extract.writer_thread import BackgroundWriter, ExtractionError
@@ -151,16 +151,19 @@ def _open_as_follower(cfg: PipelineConfig, metas: dict[str, TeacherMeta], storag
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None) -> dict[str, Any]:
+def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None,
+                   redo_changed: bool = False) -> dict[str, Any]:
     """Extract every input tar of cfg.data.urls into the store at cfg.store.root; returns the run summary.
 
     Works as one process or under torchrun / `accelerate launch` (WORLD_SIZE > 1; gloo collectives).
     Raises ExtractionError when tars could not be read or too many samples were skipped (the complete
-    units are kept: rerun to resume), StoreError / StoreMismatchError for store problems.
+    units are kept: rerun to resume), StoreError / StoreMismatchError for store problems. An input whose
+    size or mtime/ETag differs from when its complete unit was written is refused (StoreError naming it)
+    unless `redo_changed`, which re-extracts it.
     """
     rank, world, own_group = _init_distributed()
     try:
-        return _run(cfg, storage_options, rank, world)
+        return _run(cfg, storage_options, rank, world, redo_changed)
     except STORE_OS_ERRORS as e:  # a full disk, no permission, a torn zarr.json: one line, not a traceback
         raise_store_error(cfg.store.root, e)
     finally:
@@ -168,7 +171,8 @@ def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None) -> 
             dist.destroy_process_group()
 
 
-def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: int) -> dict[str, Any]:
+def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: int,
+         redo_changed: bool) -> dict[str, Any]:
     started = time.time()
     try:
         urls = expand_urls(cfg.data.urls)
@@ -190,7 +194,7 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
         for w in warnings if rank == 0 else []:
             log.warning("%s", w)
         try:
-            local, err = _extract_units(cfg, store, models, mine, rank), None
+            local, err = _extract_units(cfg, store, models, mine, rank, redo_changed), None
         except Exception as e:  # noqa: BLE001 — reported to every rank, raised below
             local, err = None, e
         results = _gather({"rank": rank, "result": local,
@@ -229,9 +233,10 @@ def _unit_counts(store: FeatureStore, url: str) -> tuple[int, int]:
 
 
 def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, torch.nn.Module],
-                   mine: list[str], rank: int) -> dict[str, Any]:
+                   mine: list[str], rank: int, redo_changed: bool = False) -> dict[str, Any]:
     """This process's tars -> units. Returns its counts; raises ExtractionError past max_failure_fraction."""
-    pending = [u for u in mine if not store.is_complete(u)]
+    changed = set(changed_sources(store, mine, redo_changed))  # refused (StoreError) unless redo_changed
+    pending = [u for u in mine if u in changed or not store.is_complete(u)]
     stored = skipped = 0
     for url in mine:
         if url not in pending:
@@ -270,7 +275,7 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
                 out["images"] += len(rows)
                 stored += len(rows)
             if chunk.last:
-                writer.put(("commit", url))
+                writer.put(("commit", url, chunk.source))
                 progress.tar_done(out["images"])
                 _check_failures(cfg, stored, skipped)
     except BaseException as e:

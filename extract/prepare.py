@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from extract.masks import draw_masks
+from extract.resume import source_identity
 from extract.shards import ShardReadError, Skipped, iter_tar
 from extract.views import apply_view, draw_view
 from extract.vit_forward import forward_visible, patchify
@@ -69,12 +70,13 @@ class Chunk:
     skips: list[tuple[int, str | None, str]] = field(default_factory=list)
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (index, key, note): kept, with a remark
     last: bool = False  # the tar ends here
+    source: dict | None = None  # on the last chunk: the tar's size and mtime/ETag before it was read
     error: str | None = None  # the tar could not be read: discard the unit
 
 
-def _chunk(url: str, done: list, skips: list, notes: list, last: bool) -> Chunk:
+def _chunk(url: str, done: list, skips: list, notes: list, last: bool, source: dict | None = None) -> Chunk:
     if not done:
-        return Chunk(url, [], skips=skips, notes=notes, last=last)
+        return Chunk(url, [], skips=skips, notes=notes, last=last, source=source)
     views = [v for _, v in done]
     return Chunk(
         url, [k for (_, k, _), _ in done],
@@ -86,7 +88,7 @@ def _chunk(url: str, done: list, skips: list, notes: list, last: bool) -> Chunk:
         student_pixels=torch.stack([torch.stack([v.student_pixels for v in vs]) for vs in views]),
         teacher_idx={t: np.stack([np.stack([v.teacher_idx[t] for v in vs]) for vs in views])
                      for t in views[0][0].teacher_idx},
-        skips=skips, notes=notes, last=last)
+        skips=skips, notes=notes, last=last, source=source)
 
 
 def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterator[Chunk]:
@@ -95,6 +97,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
     skips: list[tuple[int, str | None, str]] = []
     notes: list[tuple[int, str, str]] = []
     seen = 0
+    source = source_identity(url)  # before reading: a file replaced while being read differs next time
     try:
         for item in iter_tar(url, cfg.data.max_image_pixels):
             seen += 1
@@ -118,7 +121,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
         return
     if seen == 0:
         skips.append((0, None, "empty tar: no samples"))
-    yield _chunk(url, done, skips, notes, last=True)
+    yield _chunk(url, done, skips, notes, last=True, source=source)
 
 
 class PreparedTars(IterableDataset):

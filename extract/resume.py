@@ -1,4 +1,4 @@
-"""What a run does with what earlier runs left in the store: settings in force, duplicate keys across runs.
+"""What a run does with what earlier runs left in the store: settings in force, duplicate keys, changed inputs.
 
 - Settings a store is written with once (its layout: shard/chunk size, compression; and the decoder's
   pixel limit, which decides what every unit keeps) stay those of the store on a rerun: a configuration
@@ -12,6 +12,10 @@
   excluded, so the pass is idempotent; since the usable rows were unique before the run, only rows of
   units written by this run are excluded (a store written before this rule may have duplicates between
   earlier units: the same order settles them).
+- An input tar whose size or mtime/ETag differs from what its complete unit recorded when it was read
+  (`source_id`; e.g. a truncated download later replaced by the full file) is named and refused, before
+  any work, unless the run is asked to redo such inputs (`comad-extract --redo-changed`). A unit written
+  before `source_id` existed, or an input whose identity cannot be read, is not compared.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import dataclasses
 import logging
 from typing import Any
 
+import fsspec
+
 from store_schema.config import PipelineConfig
-from store_schema.store import FeatureStore, unit_name
+from store_schema.store import FeatureStore, StoreError, unit_name
 
 log = logging.getLogger("comad.extract")
 
@@ -83,3 +89,42 @@ def exclude_duplicate_keys(store: FeatureStore, urls: list[str], new_units: list
             store.exclude_rows(name, rows, reasons)
             n += len(rows)
     return n
+
+
+def source_identity(url: str) -> dict[str, Any] | None:
+    """{size, mtime and/or etag} of an input as the file system reports it; None when it cannot be read."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except Exception:  # noqa: BLE001 — a missing input is reported when it is read, not here
+        return None
+    out: dict[str, Any] = {"size": info.get("size")}
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    if etag:
+        out["etag"] = str(etag).strip('"')
+    mtime = next((info[k] for k in ("mtime", "LastModified", "updated", "last_modified") if info.get(k)), None)
+    if mtime is not None:
+        out["mtime"] = mtime if isinstance(mtime, (int, float)) else str(mtime)
+    return out
+
+
+def changed_sources(store: FeatureStore, urls: list[str], redo: bool) -> list[str]:
+    """Inputs of complete units that changed since they were read: returned when `redo`, else refused."""
+    changed = []
+    for url in urls:
+        if not store.is_complete(url):
+            continue
+        old = store.unit_record(unit_name(url)).get("source_id")
+        new = source_identity(url) if old else None
+        if old and new and any(old.get(k) != new.get(k) for k in ("size", "etag", "mtime") if k in old):
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in ("size", "etag", "mtime")
+                             if k in old and old.get(k) != new.get(k))
+            changed.append((url, diff))
+    if changed and not redo:
+        names = "; ".join(f"{u} ({d})" for u, d in changed[:5]) + (f"; and {len(changed) - 5} more"
+                                                                  if len(changed) > 5 else "")
+        raise StoreError(f"{len(changed)} input tar(s) changed since their unit was written: {names}. Rerun with "
+                         "--redo-changed to re-extract them, or restore the files they were read from")
+    for u, d in changed:
+        log.warning("input tar %s changed since its unit was written (%s): re-extracting it", u, d)
+    return [u for u, _ in changed]

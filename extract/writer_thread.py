@@ -87,7 +87,7 @@ class BackgroundWriter:
         elif op == "note":
             self.writers[url].note(*args)
         elif op == "commit":
-            info = self.writers.pop(url).commit()
+            info = self.writers.pop(url).commit(*args)
             self.committed.append({"url": url, "unit": info.name, "n_samples": info.n_samples,
                                    "bytes": _stored_bytes(self.store, f"units/{info.name}")})
             fault_point("between_units")  # the unit is complete; the next one has not started writing

@@ -135,8 +135,10 @@ class UnitWriter:
         """A stored sample with a remark (e.g. its `cls` was not a valid label, so it is stored as -1)."""
         self.notes.append({"index": int(index), "key": key, "note": note})
 
-    def commit(self) -> UnitInfo:
-        """Write the last partial shard, the statistics, and then — once durable — the completion records."""
+    def commit(self, source_id: dict[str, Any] | None = None) -> UnitInfo:
+        """Write the last partial shard, the statistics, and then — once durable — the completion records.
+
+        `source_id`: the input's size and mtime/ETag when it was read, so a rerun can tell it changed."""
         if self.buffered:
             self._flush(self.buffered)
         if self.stored_keys is not None and self.keys != self.stored_keys:
@@ -152,8 +154,10 @@ class UnitWriter:
         if self.base:
             rec = {"source": self.source, "status": "complete", "n_samples": self.written, "keys": self.keys,
                    "skipped": self.skips, "write_id": uuid.uuid4().hex}
-            if self.notes:  # an optional field: stores written before it have none
+            if self.notes:  # optional fields: stores written before them have none
                 rec["notes"] = self.notes
+            if source_id:
+                rec["source_id"] = source_id
             self.group.attrs.put({UNIT_ATTR: rec})
         return self.store.unit_info(self.name)
 
