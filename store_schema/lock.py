@@ -1,12 +1,17 @@
 """The writer lock: one extraction run per store (README "Writer lock").
 
-`ROOT/extract.lock` is a plain JSON object, not a zarr node. Local stores create it exclusively; a lock
-left by a dead process on this host is taken over. Object stores have no exclusive create through
-fsspec, so there it is check-write-read-back (best effort).
+`ROOT/extract.lock` is a plain JSON object, not a zarr node. Local stores create it exclusively (O_EXCL);
+a lock left by a dead process on this host is taken over. On object stores it is a conditional create
+(PUT with If-None-Match: *, which S3, GCS, Azure and MinIO implement; s3fs: pipe_file(mode="create")):
+of two runs starting together exactly one gets it. Whether the server honours the condition is checked
+by creating the lock a second time, which must fail; where it does not (an older S3-compatible server),
+or the file system has no exclusive create, it falls back to check-write-read-back, which two runs
+starting within the same moment can both pass: a warning says so.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -19,6 +24,7 @@ from zarr.core.sync import sync
 from .store import FeatureStore, StoreError, local_dir
 
 LOCK_KEY = "extract.lock"
+log = logging.getLogger("comad.extract")
 
 
 def acquire_writer_lock(store: FeatureStore, run_id: str) -> None:
@@ -48,21 +54,64 @@ def acquire_writer_lock(store: FeatureStore, run_id: str) -> None:
                 os.fsync(f.fileno())
             return
         raise StoreError(f"could not take the writer lock {path}")
-    # Object stores have no exclusive create through fsspec: check, write, read back (best effort).
-    fs_store = store.group.store
     key = f"{store.group.path}/{LOCK_KEY}" if store.group.path else LOCK_KEY
-    proto = default_buffer_prototype()
-    cur = sync(fs_store.get(key, prototype=proto))
-    if cur is not None:
-        held = json.loads(cur.to_bytes())
-        if held.get("run_id") != run_id:
-            raise StoreError(f"{store.root} is locked by run {held.get('run_id')} on {held.get('host')} "
-                             f"(started {held.get('started')}); delete {key} if no such run is alive")
+    data = json.dumps(info).encode()
+    fs_store, proto = store.group.store, default_buffer_prototype()
+    if sync(fs_store.get(key, prototype=proto)) is not None:  # held (or ours: re-entrant)
+        _refuse_or_reenter(store, key, run_id)
         return
-    sync(fs_store.set(key, proto.buffer.from_bytes(json.dumps(info).encode())))
-    back = json.loads(sync(fs_store.get(key, prototype=proto)).to_bytes())
+    how = _create_exclusive(store, key, data, run_id)
+    if how == "exclusive":
+        return
+    # No exclusive create here: write (unless the ignored create already did), read back (best effort).
+    log.warning("%s: this object store does not honour conditional writes (If-None-Match); the writer lock "
+                "is best effort: two extractions started at the same moment could both take it", store.root)
+    if how == "unsupported":
+        sync(fs_store.set(key, proto.buffer.from_bytes(data)))
+    back = _held(store, key)
     if back.get("run_id") != run_id:
         raise StoreError(f"{store.root}: another extraction took the lock at the same moment ({back})")
+
+
+def _create_exclusive(store: FeatureStore, key: str, data: bytes, run_id: str) -> str:
+    """'exclusive' once the lock object is ours by a conditional create (StoreError when another run's);
+    'ignored' when the server wrote it without honouring the condition; 'unsupported' when nothing was written."""
+    zstore = store.group.store
+    fs = getattr(zstore, "fs", None)
+    if fs is None or not hasattr(fs, "_pipe_file"):
+        return "unsupported"
+    path = f"{zstore.path.rstrip('/')}/{key}"
+    try:
+        sync(fs._pipe_file(path, data, mode="create"))
+    except FileExistsError:  # s3fs's translation of 412 PreconditionFailed: another run created it first
+        _refuse_or_reenter(store, key, run_id)
+        return "exclusive"
+    except (TypeError, NotImplementedError):  # this file system has no mode="create"
+        return "unsupported"
+    except OSError as e:
+        if "not implemented" in str(e).lower():  # 501 NotImplemented: the server rejects the condition
+            return "unsupported"
+        raise
+    try:  # a server that ignores If-None-Match overwrites silently: then the first create proved nothing
+        sync(fs._pipe_file(path, data, mode="create"))
+    except FileExistsError:
+        return "exclusive"
+    return "ignored"
+
+
+def _held(store: FeatureStore, key: str) -> dict[str, Any]:
+    raw = sync(store.group.store.get(key, prototype=default_buffer_prototype()))
+    try:
+        return json.loads(raw.to_bytes()) if raw is not None else {}
+    except ValueError:
+        return {}  # a torn lock object
+
+
+def _refuse_or_reenter(store: FeatureStore, key: str, run_id: str) -> None:
+    held = _held(store, key)
+    if held.get("run_id") != run_id:
+        raise StoreError(f"{store.root} is locked by run {held.get('run_id')} on {held.get('host')} "
+                         f"(started {held.get('started')}); delete {key} if no such run is alive")
 
 
 def release_writer_lock(store: FeatureStore, run_id: str) -> None:

@@ -168,3 +168,83 @@ def test_object_store_lock_is_released_only_by_its_owner(s3, written):
     release_writer_lock(store, "run-a")
     acquire_writer_lock(store, "run-c")
     release_writer_lock(store, "run-c")
+
+
+# ---------------------------------------------------------------------------------------------- the lock's race
+
+def _fresh_store(s3, written) -> FeatureStore:
+    return FeatureStore.open(written["root"], mode="r+", storage_options=s3["options"])
+
+
+def test_of_runs_starting_together_exactly_one_takes_the_lock(s3, written):
+    import threading
+    winners = []
+    for round_ in range(6):
+        stores = [_fresh_store(s3, written) for _ in range(5)]
+        barrier, results = threading.Barrier(len(stores)), {}
+
+        def take(i):
+            barrier.wait()
+            try:
+                acquire_writer_lock(stores[i], f"race{round_}-{i}")
+                results[i] = "won"
+            except StoreError as e:
+                results[i] = str(e)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [i for i, r in results.items() if r == "won"]
+        assert len(won) == 1, results
+        assert all(f"locked by run race{round_}-{won[0]}" in r for i, r in results.items() if i != won[0])
+        winners.append(won[0])
+        release_writer_lock(stores[won[0]], f"race{round_}-{won[0]}")
+
+
+def test_a_lock_created_between_the_check_and_the_write_is_not_overwritten(s3, written, monkeypatch):
+    """The interleaving that let two runs both hold the check-write-read-back lock: B's lock appears after
+    A looked. The conditional create refuses A, and B's lock object is left as B wrote it."""
+    a, b = _fresh_store(s3, written), _fresh_store(s3, written)
+    acquire_writer_lock(b, "run-B")
+    real_get = type(a.group.store).get
+    calls = {"n": 0}
+
+    async def stale_get(self, key, prototype=None, byte_range=None):
+        calls["n"] += 1
+        if key.endswith("extract.lock") and calls["n"] == 1:
+            return None  # A's check ran before B's PUT landed
+        return await real_get(self, key, prototype=prototype, byte_range=byte_range)
+
+    monkeypatch.setattr(type(a.group.store), "get", stale_get)
+    with pytest.raises(StoreError, match="locked by run run-B"):
+        acquire_writer_lock(a, "run-A")
+    monkeypatch.undo()
+    body = s3["client"].get_object(Bucket="bucket", Key="store/extract.lock")["Body"].read()
+    assert json.loads(body)["run_id"] == "run-B"
+    release_writer_lock(b, "run-B")
+
+
+def test_a_server_ignoring_the_condition_is_named_best_effort(s3, written, monkeypatch, caplog):
+    import logging
+    store = _fresh_store(s3, written)
+    fs = store.group.store.fs
+    real = type(fs)._pipe_file
+
+    async def ignoring(self, path, data, *args, mode="overwrite", **kw):  # an old server: no If-None-Match
+        return await real(self, path, data, *args, **kw)
+
+    monkeypatch.setattr(type(fs), "_pipe_file", ignoring)
+    with caplog.at_level(logging.WARNING, logger="comad.extract"):
+        acquire_writer_lock(store, "run-old")
+    assert any("best effort" in r.getMessage() for r in caplog.records)
+    with pytest.raises(StoreError, match="locked by run run-old"):  # a held lock is still seen and refused
+        acquire_writer_lock(_fresh_store(s3, written), "run-other")
+    release_writer_lock(store, "run-old")
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="comad.extract"):
+        acquire_writer_lock(store, "run-new")  # moto honours it: no warning
+    assert not [r for r in caplog.records if "best effort" in r.getMessage()]
+    release_writer_lock(store, "run-new")
