@@ -24,6 +24,9 @@ from zarr.core.sync import sync
 from .store import FeatureStore, StoreError, local_dir
 
 LOCK_KEY = "extract.lock"
+# An unreadable local lock this old is a writer that died writing it (a younger one may be a run that has
+# created the file and not yet written it: taking that over would let two runs in).
+TORN_LOCK_AGE_S = 60.0
 log = logging.getLogger("comad.extract")
 
 
@@ -44,14 +47,21 @@ def acquire_writer_lock(store: FeatureStore, run_id: str) -> None:
                 if held.get("host") == info["host"] and not _pid_alive(int(held.get("pid", -1))):
                     path.unlink(missing_ok=True)  # its owner died: a preempted run, safe to resume
                     continue
+                if not held and _age(path) > TORN_LOCK_AGE_S:  # empty or torn, long ago: its writer died writing it
+                    path.unlink(missing_ok=True)
+                    continue
                 raise StoreError(
                     f"{store.root} is being written by another extraction (host {held.get('host')}, pid "
                     f"{held.get('pid')}, started {held.get('started')}). Two writers would corrupt it. If no such "
                     f"run is alive, delete {path} and rerun.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(info, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # e.g. a full disk: an empty lock file would refuse every later run
+                path.unlink(missing_ok=True)
+                raise
             return
         raise StoreError(f"could not take the writer lock {path}")
     key = f"{store.group.path}/{LOCK_KEY}" if store.group.path else LOCK_KEY
@@ -132,6 +142,13 @@ def _read_lock(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a torn lock file: its writer died while writing it
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _pid_alive(pid: int) -> bool:

@@ -172,3 +172,36 @@ def test_explain_names_the_path_and_the_remedy(e, words):
 
 def test_unknown_errors_are_not_hidden():
     assert explain("/s", ValueError("a bug")) is None and explain("/s", KeyError("x")) is None
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, capsys, monkeypatch):
+    """Found by the hostile run: on a full disk the O_EXCL create succeeded, the JSON write failed, and the
+    empty lock file then refused every later run."""
+    cfg = extract_config(tmp_path, write_tars(tmp_path, [2]))
+    run_extraction(cfg)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.json, "dump", full)
+    rc, line = _cli(tmp_path, cfg, capsys)
+    assert rc == 2 and "no space left" in line
+    assert not Path(cfg.store.root, "extract.lock").exists()
+    monkeypatch.undo()
+    assert run_extraction(cfg)["errors"] == []
+
+
+@pytest.mark.parametrize("age, taken", [(5 * 60, True), (3600 * 24, True), (1, False)])
+def test_an_empty_lock_is_taken_over_only_when_old(tmp_path, age, taken):
+    import os
+    import time
+    cfg = extract_config(tmp_path, write_tars(tmp_path, [2]))
+    run_extraction(cfg)
+    f = Path(cfg.store.root, "extract.lock")
+    f.write_bytes(b"")  # its writer died between creating and writing it (or is doing so right now)
+    os.utime(f, (time.time() - age, time.time() - age))
+    if taken:
+        assert run_extraction(cfg)["errors"] == [] and not f.exists()
+    else:
+        with pytest.raises(StoreError, match="being written by another extraction"):
+            run_extraction(cfg)
