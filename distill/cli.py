@@ -95,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"comad-distill {args.command}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, (NonFiniteLossError, TargetCollapseError)) else 2
+    except OSError as e:  # a run dir under a file, no permission, a full disk: the path and what to do
+        if os.environ.get("COMAD_TRACEBACK"):
+            raise
+        from store_schema.oserrors import explain
+        where = getattr(e, "filename", None) or "the run directory"
+        key = "train.run_dir" if args.command in ("train", "sweep") else "--out"
+        print(f"comad-distill {args.command}: error: {explain(str(where), e, key=key)}", file=sys.stderr)
+        return 2
     finally:
         _end_distributed()
 

@@ -367,6 +367,8 @@ def _finish(cfg: PipelineConfig, store: FeatureStore, urls: list[str], results: 
     duplicates = exclude_duplicate_keys(store, urls, [c["unit"] for r in ok for c in r["committed"]])
     counts = store.finalize_stats()
     joint = _fit_joint_stats(cfg, store)
+    if joint.startswith("not computed"):  # e.g. a damaged unit found while reading back: say it, not only record it
+        log.warning("cross-teacher statistics %s", joint)
     stored, skipped = sum(r["stored_total"] for r in ok), sum(r["skipped_total"] for r in ok)
     if not errors:
         try:

@@ -12,39 +12,45 @@ import json
 RERUN = "complete units are kept; rerun the same command to resume"
 
 
-def explain(root: str, e: BaseException, doing: str = "") -> str | None:
-    """One line for a store-side error `e` met while `doing` (e.g. "writing unit u..."), or None if unknown."""
+def explain(root: str, e: BaseException, doing: str = "", key: str = "store.root") -> str | None:
+    """One line for a store-side error `e` met while `doing` (e.g. "writing unit u..."), or None if unknown.
+
+    `key`: the config key that names `root` (store.root; train.run_dir for a run's directory)."""
     at = f" while {doing}" if doing else ""
+    rerun = RERUN if key == "store.root" else "rerun (training: with --resume, from the last complete checkpoint)"
     path = getattr(e, "filename", None) or root
     code = getattr(e, "errno", None)
     if isinstance(e, json.JSONDecodeError):
         return (f"{root}: a metadata file (zarr.json) is torn or not JSON{at} ({e}); run `comad-store validate "
                 f"{root}` to see which; a torn unit is redone by comad-extract")
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"{path}: no space left on the device{at}; free space (or raise the quota), then: {RERUN}"
+        return f"{path}: no space left on the device{at}; free space (or raise the quota), then: {rerun}"
     if code == errno.EROFS:
-        return f"{path}: the file system is read-only{at}; mount it writable or choose another store.root"
+        return f"{path}: the file system is read-only{at}; mount it writable or choose another {key}"
     if isinstance(e, PermissionError) or code in (errno.EACCES, errno.EPERM):
-        return (f"{path}: permission denied{at}; make the store writable by this user (or choose another "
-                f"store.root), then: {RERUN}")
+        return (f"{path}: permission denied{at}; make it writable by this user (or choose another "
+                f"{key}), then: {rerun}")
     if isinstance(e, NotADirectoryError) or code == errno.ENOTDIR:
-        return (f"store.root {root!r}: a parent of {path} is a file, not a directory{at}; store.root must be a "
+        return (f"{key} {root!r}: a parent of {path} is a file, not a directory{at}; {key} must be a "
                 "directory (existing or not) under directories: choose another one")
     if isinstance(e, FileExistsError) or code == errno.EEXIST:
-        return (f"store.root {root!r}: {path} is a file, not a directory{at}; store.root must be a directory "
+        return (f"{key} {root!r}: {path} is a file, not a directory{at}; {key} must be a directory "
                 "(existing or not): choose another one")
     if isinstance(e, IsADirectoryError):
-        return f"{path}: a directory where the store expects a file{at}; choose another store.root"
+        return f"{path}: a directory where the store expects a file{at}; choose another {key}"
     if isinstance(e, ValueError) and "protocol not known" in str(e).lower():
         proto = root.split("://", 1)[0] if "://" in root else "?"
-        return (f"store.root {root!r}: unknown protocol {proto!r}; use a local path or an fsspec URL "
+        return (f"{key} {root!r}: unknown protocol {proto!r}; use a local path or an fsspec URL "
                 "(s3://, gs://, az://, ...) whose package (s3fs, gcsfs, adlfs) is installed")
+    if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "google", "azure", "adlfs", "gcsfs"):
+        return (f"{root}: the object store refused the request{at} ({type(e).__name__}: {e}); check the "
+                "credentials (e.g. AWS_ACCESS_KEY_ID / AWS_PROFILE), the bucket and the endpoint (storage options)")
     if isinstance(e, ImportError):
-        return (f"store.root {root!r}: the package for this URL is not installed ({e}); install it "
+        return (f"{key} {root!r}: the package for this URL is not installed ({e}); install it "
                 "(e.g. pip install s3fs for s3://)")
     if isinstance(e, OSError):
-        return f"{type(e).__name__}: {e} (at {path}{at}); check the storage, then: {RERUN}"
+        return f"{type(e).__name__}: {e} (at {path}{at}); check the storage, then: {rerun}"
     return None
 
 
-STORE_OS_ERRORS = (OSError, ValueError, ImportError)  # the kinds explain() may know; others are bugs
+STORE_OS_ERRORS = (Exception,)  # what callers hand to explain(); it names the ones it knows, the rest re-raise

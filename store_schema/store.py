@@ -222,7 +222,14 @@ class FeatureStore:
     # ------------------------------------------------------------------ reading
     def array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
-            self._arrays[path] = self.group[path]
+            try:
+                self._arrays[path] = self.group[path]
+            except (KeyError, ValueError) as e:  # a deleted or torn zarr.json inside a complete unit
+                unit = path.split("/")[1] if path.startswith("units/") else None
+                raise StoreError(
+                    f"{self.root}: {path} cannot be opened ({type(e).__name__}: {e}): the store is damaged; run "
+                    f"`comad-store validate {self.root}`" + (f", then delete units/{unit} and rerun comad-extract to "
+                                                             "re-extract it" if unit else "")) from e
         return self._arrays[path]
 
     def keys(self, unit: str) -> list[str]:

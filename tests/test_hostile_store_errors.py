@@ -164,6 +164,7 @@ def test_torn_root_metadata_is_one_line(tmp_path, capsys):
     (NotADirectoryError(errno.ENOTDIR, "x", "/s/d"), "a parent of /s/d"),
     (ValueError("Protocol not known: foo"), "unknown protocol"), (ImportError("no s3fs"), "not installed"),
     (OSError(errno.EIO, "I/O error"), "check the storage"),
+    (type("NoCredentialsError", (Exception,), {"__module__": "botocore.exceptions"})("no creds"), "credentials"),
 ])
 def test_explain_names_the_path_and_the_remedy(e, words):
     msg = explain("/s", e)
@@ -205,3 +206,19 @@ def test_an_empty_lock_is_taken_over_only_when_old(tmp_path, age, taken):
     else:
         with pytest.raises(StoreError, match="being written by another extraction"):
             run_extraction(cfg)
+
+
+@pytest.mark.parametrize("run_dir, words", [("afile", "is a file"), ("afile/run", "a parent of")])
+def test_distill_run_dir_errors_are_one_line(tmp_path, capsys, run_dir, words):
+    from distill.cli import main as distill_main
+    cfg = extract_config(tmp_path, write_tars(tmp_path, [4]))
+    run_extraction(cfg)
+    (tmp_path / "afile").write_text("x")
+    toml = tmp_path / "p.toml"
+    toml.write_text(dumps_toml(cfg))
+    rc = distill_main(["train", "--config", str(toml), "--set", "train.steps=1", "--set", "heads.decoder_heads=2",
+                       "--set", f'train.run_dir="{tmp_path / run_dir}"'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("comad-distill train: error: train.run_dir") and words in line
