@@ -21,7 +21,7 @@ from typing import Any
 from store_schema.config import ConfigError, load_config, read_toml
 
 # Columns of the table, in order; eval numbers and gate weights are appended as they appear.
-LOSS_COLUMNS = ("loss", "loss_token", "loss_map", "gate_entropy")
+LOSS_COLUMNS = ("loss", "loss_token", "loss_map", "loss_cls", "gate_entropy")
 
 
 def parse_variant(text: str) -> list[str]:

@@ -21,18 +21,21 @@ TRAIN_OVERRIDES = ["heads.decoder_heads=2", "heads.decoder_depth=1", "optim.warm
 STORE_UNITS = {"data/a.tar": 24, "data/b.tar": 16}
 
 
-def build_store(root: Path, extra: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """A finalised 40-sample store under root (3 teachers, 32-d features); returns its config, also
-    written to root/config.toml."""
+def build_store(root: Path, extra: list[str] | tuple[str, ...] = (), with_joint_stats: bool = True) -> PipelineConfig:
+    """A finalised 40-sample store under root (3 teachers, 32-d features) with its cross-teacher statistics
+    (unless `with_joint_stats` is False); returns its config, also written to root/config.toml."""
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import tiny_config
     from store_fixtures import teacher_meta, write_unit
+    from store_schema.joint_stats import fit_joint_stats
     from store_schema.store import FeatureStore
     cfg = tiny_config(root, TRAIN_OVERRIDES + list(extra))
     store = FeatureStore.create(cfg.store.root, cfg, teacher_meta(cfg))
     for i, (src, n) in enumerate(STORE_UNITS.items()):
         write_unit(store, cfg, src, n, seed=i)
     store.finalize_stats()
+    if with_joint_stats:  # as extraction does; without them, a store written before the shared basis existed
+        fit_joint_stats(store, 0)
     (root / "config.toml").write_text(dumps_toml(cfg))
     return cfg
 

@@ -39,7 +39,8 @@ def test_shipped_file_holds_the_method_defaults():
     o = cfg.optim
     assert (o.betas, o.weight_decay, o.base_lr, o.lr_reference_batch) == ([0.9, 0.95], 0.05, 1.5e-4, 256)
     assert (cfg.eval.knn_k, cfg.eval.knn_temperature) == ([10, 20], 0.07)
-    assert (cfg.heads.decoder_depth, cfg.heads.adapter_init, cfg.heads.adapter_trainable) == (2, "pca", False)
+    assert (cfg.heads.decoder_depth, cfg.heads.adapter_init, cfg.heads.adapter_trainable) == (2, "cca", False)
+    assert (cfg.heads.fusion, cfg.loss.cls_weight) == ("target", 1.0)
     assert (cfg.views.num_views > 1, cfg.views.crop_scale, cfg.store.dtype) == (True, [0.2, 1.0], "float16")
     assert cfg.source == str(PIPELINE_TOML)
 

@@ -62,7 +62,8 @@ def _samples(batches, ident):
 
 def _check_contents(batch, written, ident, cfg):
     B, ks, p = 4, cfg.student_tokens, cfg.data.patch_size
-    assert set(batch) == {"pixels", "student_idx", "teacher_idx", "teacher_patch"}  # only what training uses
+    cls = cfg.loss.cls_weight > 0  # CLS features are read only for the CLS term
+    assert set(batch) == {"pixels", "student_idx", "teacher_idx", "teacher_patch"} | ({"teacher_cls"} if cls else set())
     assert batch["pixels"].shape == (B, ks, 3, p, p) and batch["pixels"].dtype == torch.uint8
     assert batch["student_idx"].shape == (B, ks) and batch["student_idx"].dtype == torch.int64
     for key in ("teacher_idx", "teacher_patch"):
@@ -77,6 +78,8 @@ def _check_contents(batch, written, ident, cfg):
             assert batch["teacher_patch"][t].dtype == torch.float16
             np.testing.assert_array_equal(batch["teacher_idx"][t][k].numpy(), tr.idx[i, v])
             np.testing.assert_array_equal(batch["teacher_patch"][t][k].numpy(), tr.patch[i, v].astype(np.float16))
+            if cls:
+                np.testing.assert_array_equal(batch["teacher_cls"][t][k].numpy(), tr.cls[i, v].astype(np.float16))
 
 
 @pytest.mark.parametrize("world,expect_T", [(1, 9), (2, 4), (3, 3)])

@@ -48,9 +48,10 @@ def test_two_variants_from_one_store(tmp_path, no_teachers, capsys):
             assert math.isfinite(float(r[key])), (key, r)
         # the tiny config's eval data (data/imagenet-*.tar, relative) does not exist here
         assert r["eval"].startswith("eval skipped: eval.train_urls:") and "does not exist" in r["eval"]
-    # map_weight = 0 drops L_map from the loss (the column still reports it)
-    assert math.isclose(float(rows[1]["loss"]), float(rows[1]["loss_token"]), rel_tol=1e-6)
-    assert not math.isclose(float(rows[0]["loss"]), float(rows[0]["loss_token"]), rel_tol=1e-3)
+    # map_weight = 0 drops L_map from the loss (the column still reports it); the CLS term (weight 1) stays
+    assert math.isclose(float(rows[1]["loss"]), float(rows[1]["loss_token"]) + float(rows[1]["loss_cls"]), rel_tol=1e-5)
+    assert not math.isclose(float(rows[0]["loss"]), float(rows[0]["loss_token"]) + float(rows[0]["loss_cls"]),
+                            rel_tol=1e-3)
     # the mean gate weighs every teacher that saw a token alike; agreement does not
     assert float(rows[0]["gate_entropy"]) > float(rows[1]["gate_entropy"])
     md = (sweep_dir / "sweep.md").read_text()

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -47,8 +48,8 @@ def _model(cfg):
     store = check_store_matches(cfg)
     torch.manual_seed(0)
     model = CoMADDistiller(cfg, {t: store.teacher_meta(t).dim for t in store.teachers})
-    model.init_from_statistics({t: store.teacher_stats(t) for t in cfg.teachers},
-                               pca=cfg.heads.adapter_init == "pca")
+    stats, joint = train_mod.target_statistics(cfg, store)  # the trainer's own initialisation
+    model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     return model, store
 
 
@@ -90,16 +91,23 @@ def test_forward_matches_a_loop_reference(store_root):
     token_target = torch.stack([fused[i, idx[i]] for i in range(b)])
     expected_tok = TokenKLLoss(cfg.loss.token_temperature)(s, token_target)
     expected_map = MapKLLoss(cfg.loss.map_temperature)(s_map, fused, visible.any(1))
+    # The CLS term: each teacher's head on the student CLS against its adapted CLS, KL over channels (τ = 1).
+    assert cfg.loss.token_temperature == 1.0
+    expected_cls = torch.stack([
+        F.kl_div(F.log_softmax(model.cls_heads[t](tokens[:, 0]), -1),
+                 F.log_softmax(model.adapters[t](batch["teacher_cls"][t].float()), -1),
+                 reduction="batchmean", log_target=True) for t in model.teacher_names]).mean()
     torch.testing.assert_close(metrics["loss_token"], expected_tok.detach())
     torch.testing.assert_close(metrics["loss_map"], expected_map.detach())
-    torch.testing.assert_close(loss, expected_tok + expected_map)
+    torch.testing.assert_close(metrics["loss_cls"], expected_cls.detach())
+    torch.testing.assert_close(loss, expected_tok + expected_map + cfg.loss.cls_weight * expected_cls)
     assert math.isclose(sum(float(metrics[f"gate_weight/{t}"]) for t in TEACHERS), 1.0, rel_tol=1e-5)
     # MAE sees the fewest tokens (6 of 16), iBOT the most (11): its mean weight must be the larger.
     assert metrics["gate_weight/mae"] < metrics["gate_weight/ibot"]
 
 
 def test_standardised_targets_use_store_statistics_and_correlation_pca(store_root):
-    cfg = _cfg(store_root, ["loss.standardize_targets=true"])
+    cfg = _cfg(store_root, ["loss.standardize_targets=true", 'heads.adapter_init="pca"'])
     model, store = _model(cfg)
     st = store.teacher_stats("mocov3")
     std = torch.from_numpy(np.sqrt(np.diag(st.cov))).float()
@@ -213,14 +221,15 @@ def test_end_to_end_run(store_root, tmp_path):
     assert summary["step"] == 6 and summary["skipped_steps"] == 0
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]
-    keys = {"step", "lr", "img_per_s", "skipped_steps", "loss", "loss_token", "loss_map", "gate_entropy",
+    keys = {"step", "lr", "img_per_s", "skipped_steps", "loss", "loss_token", "loss_map", "loss_cls", "gate_entropy",
             "covered_fraction", "grad_norm"} | {f"gate_weight/{t}" for t in TEACHERS}
     for r in rows:
         assert set(r) == keys
         assert all(math.isfinite(v) for v in r.values())
         assert 0 < r["gate_entropy"] < math.log(3)
     assert math.isclose(rows[-1]["lr"], 1e-7)
-    assert math.isclose(rows[0]["loss"], rows[0]["loss_token"] + rows[0]["loss_map"], rel_tol=1e-5)
+    assert math.isclose(rows[0]["loss"], rows[0]["loss_token"] + rows[0]["loss_map"]
+                        + cfg.loss.cls_weight * rows[0]["loss_cls"], rel_tol=1e-5)
     assert load_config(run / "config.toml") == cfg
     assert [p.name for p in complete_checkpoints(run)] == ["step_00000004", "step_00000006"]  # keep 2
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
