@@ -21,6 +21,7 @@ from store_schema.cli import main as store_main
 from store_schema.config import load_config
 from store_schema.joint_stats import JointStatsMissing, co_visible_rows, compute_joint_stats, read_joint_stats
 from store_schema.store import FeatureStore
+from store_schema.validate import validate_store
 
 TEACHERS = ("mae", "mocov3", "ibot")
 
@@ -147,6 +148,7 @@ def test_extraction_writes_joint_stats_that_match_a_read_back(tmp_path):
     stored, _, _ = read_joint_stats(store, list(TEACHERS))
     again, _ = compute_joint_stats(store)
     np.testing.assert_array_equal(stored.m2, again.m2)
+    assert validate_store(cfg.store.root) == []  # the new group is part of the layout, not damage
 
 
 def _model(cfg, **kw):
