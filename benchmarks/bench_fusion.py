@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"a subset of: {', '.join(n for n, _, _ in VARIANTS)}; 'working' = {WORKING_TODAY}")
     ap.add_argument("--curve", action="store_true", help="also the single-teacher step curve ([bench] curve_*)")
     ap.add_argument("--curve-only", action="store_true", help="only the curve (with baselines), no variants")
+    ap.add_argument("--curve-steps", type=int, nargs="+", default=None, help="default: [bench] curve_steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--cache-dir", default=None, help="teacher cache (default $COMAD_DEMO_CACHE or ~/.cache/comad-demo)")
     args = ap.parse_args(argv)
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for t in bench["curve_teachers"]:
             curve[t] = {}
-            for n in bench["curve_steps"]:
+            for n in args.curve_steps or bench["curve_steps"]:
                 row = train_variants(config, [(f"single-{t}-{n}steps", [f'train.teachers=["{t}"]'])],
                                      out / "curve" / f"seed{bench['curve_seed']}", bench["curve_seed"],
                                      [f"train.steps={n}"])[0]
@@ -302,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 f = runs[fused][m][i]
                 best_single = max((runs[s][m][i] for s in singles if runs[s][m][i] is not None), default=None)
                 best_teacher = max(x for x in (teach[t][m] for t in teachers) if x is not None)
+                r0 = rand[m][i]  # not part of the goal: the student sees all three bands, so random init is strong
                 v[m] = {"fused": f, "best_single_student": best_single, "best_teacher": best_teacher,
+                        "random_init": r0,
                         "beats_every_single_student": None if f is None or best_single is None else f > best_single,
-                        "beats_every_teacher": None if f is None else f > best_teacher}
+                        "beats_every_teacher": None if f is None else f > best_teacher,
+                        "beats_random_init": None if f is None or r0 is None else f > r0}
                 if "gate-mean" in names and fused != "gate-mean":
                     mean_v = runs["gate-mean"][m][i]
                     v[m]["joint_ge_mean"] = None if f is None or mean_v is None else f >= mean_v
@@ -316,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 x = v[m]
                 rows.append((f"seed {seed} {m}", f"fused {_fmt(x['fused'])} vs best single {_fmt(x['best_single_student'])}"
                              f" / best teacher {_fmt(x['best_teacher'])}: beats singles {x['beats_every_single_student']},"
-                             f" beats teachers {x['beats_every_teacher']}, joint>=mean {x.get('joint_ge_mean')}"))
+                             f" beats teachers {x['beats_every_teacher']}, joint>=mean {x.get('joint_ge_mean')};"
+                             f" (info) random-init {_fmt(x['random_init'])}, beats it {x['beats_random_init']}"))
             rows.append((f"seed {seed} GOAL (all four metrics)", str(v["goal"])))
         print_table(f"Goal verdicts: fused student = {fused}", rows)
     else:

@@ -7,11 +7,13 @@ the identity of the classes inside its groups (10-class kNN@20 0.90 for the c mo
 and a within-group confusion adversary did not remove it either (kNN 0.79, linear probe 0.93, measured).
 A smooth network cannot be made exactly blind to what its input shows; a probe always finds the rest.
 
-Construction. Make what each teacher can see differ, exactly, in the *data*: every digit image (8 x 8,
-upsampled to the benchmark's size as the demo does) is written as an RGB image whose channel k holds the
-digit's pixels in horizontal band k only (zero elsewhere): R the top rows, G the middle, B the bottom
-(``bands`` in benchmarks/fusion.toml, rows of the source 8 x 8 grid: [0, 3), [3, 5), [5, 8)). The
-three channels together are the whole digit; the student and the evaluation see all three.
+Construction. Make what each teacher can see differ, exactly, in the *data*: every 8 x 8 digit is written
+as an RGB image whose channel k holds the digit's horizontal band k only (the other rows zeroed on the
+source grid, then upsampled bicubic to the benchmark's size as the demo does): R the top rows, G the
+middle, B the bottom (``bands`` in benchmarks/fusion.toml, rows of the source grid: [0, 3), [3, 5),
+[5, 8)). The band is cut before upsampling, so no channel holds a blur of its neighbours' rows (cutting
+after upsampling gave the middle-band teacher 0.91 kNN, measured). The three channels together are the
+whole digit; the student and the evaluation see all three.
 
 Teacher k is a small ViT (the demo teachers' architecture) whose patch embedding reads **only channel
 k**: it is trained with the other channels set to 0 after normalisation, and its patch-embedding weights
@@ -40,6 +42,7 @@ code version and the library versions, so a rerun skips training.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import hashlib
 import json
 import math
@@ -56,12 +59,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.demo.digits_data import digits_images, stratified_split, write_tar
+from distill.demo.digits_data import stratified_split, write_tar
 from extract.teachers import build_vit, save_in_official_format, state_dict_sha256
 from extract.vit_forward import forward_visible
 from store_schema.config import PipelineConfig, TeacherConfig
 
-CODE_VERSION = 3  # bump when the code changes what a recipe produces
+CODE_VERSION = 4  # bump when the code changes what a recipe produces
 NUM_CLASSES = 10
 SOURCE_GRID = 8  # the digits are 8 x 8
 # ----------------------------------------------------------------------------------------------
@@ -129,28 +132,44 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
 # The data: one band of the digit per channel
 
 
-def band_rows(bands: Sequence[Sequence[int]], size: int) -> list[tuple[int, int]]:
-    """Bands of source rows [a, b) of the 8 x 8 grid -> pixel rows [a', b') of a size x size image.
+def check_bands(bands: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """3 bands of source rows [a, b) that cover rows 0..7 of the 8 x 8 grid in order -> [(a, b)] as ints.
 
-    Raises ValueError unless there are 3 bands (one per RGB channel) that cover rows 0..7 in order,
-    without gaps or overlaps.
+    Raises ValueError otherwise (one band per RGB channel, no gap, no overlap, none empty).
     """
     if len(bands) != 3:
         raise ValueError(f"need 3 bands (one per RGB channel), got {len(bands)}")
-    edges = [int(bands[0][0])] + [int(b[1]) for b in bands]
-    if edges[0] != 0 or edges[-1] != SOURCE_GRID or any(int(bands[i][1]) != int(bands[i + 1][0]) for i in range(2)) \
-            or any(int(b[0]) >= int(b[1]) for b in bands):
+    out = [(int(b[0]), int(b[1])) for b in bands]
+    if out[0][0] != 0 or out[-1][1] != SOURCE_GRID or any(out[i][1] != out[i + 1][0] for i in range(2)) \
+            or any(a >= b for a, b in out):
         raise ValueError(f"bands {bands} must cover source rows 0..{SOURCE_GRID} in order, each non-empty")
-    scale = size / SOURCE_GRID
-    return [(round(int(a) * scale), round(int(b) * scale)) for a, b in bands]
-
-
-def band_images(images: np.ndarray, bands: Sequence[Sequence[int]]) -> np.ndarray:
-    """Grey digits as RGB uint8 (N, S, S, 3) -> the same with channel k zero outside band k."""
-    out = np.zeros_like(images)
-    for k, (a, b) in enumerate(band_rows(bands, images.shape[1])):
-        out[:, a:b, :, k] = images[:, a:b, :, k]
     return out
+
+
+def band_images(source: np.ndarray, bands: Sequence[Sequence[int]], size: int) -> np.ndarray:
+    """8 x 8 digits, uint8 (N, 8, 8) in 0..255 -> RGB uint8 (N, size, size, 3) where channel k is band k alone.
+
+    The band is cut on the *source* grid, then upsampled (PIL bicubic, as distill.demo.digits_data does for
+    the whole digit): channel k is a function of the source rows of band k only (upsampling a whole image
+    first would blur neighbouring rows into every band).
+    """
+    from PIL import Image
+
+    out = np.zeros((len(source), size, size, 3), np.uint8)
+    for k, (a, b) in enumerate(check_bands(bands)):
+        for i, img in enumerate(source):
+            part = np.zeros_like(img)
+            part[a:b] = img[a:b]
+            out[i, :, :, k] = np.asarray(Image.fromarray(part, "L").resize((size, size), Image.Resampling.BICUBIC))
+    return out
+
+
+def digits_source() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as uint8 (N, 8, 8) in 0..255 (as distill.demo.digits_data scales them) and labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8), d.target.astype(np.int64)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -176,21 +195,28 @@ def write_band_shards(out_dir: str | Path, *, size: int, bands: Sequence[Sequenc
     """The digits with one band per channel as WebDataset shards `bands-{train,test}-NNNNNN.tar`.
 
     The same stratified, seeded split as the demo's digits shards; keys `digit-<sklearn index>`;
-    reproducible bytes (distill.demo.digits_data.write_tar). Stale shards of either split are removed.
+    reproducible bytes (distill.demo.digits_data.write_tar); a shard already there with the same bytes is
+    left untouched, so a store extracted from it stays valid. Stale shards of either split are removed.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    grey, labels = digits_images(size)
-    images = band_images(grey, bands)
+    source, labels = digits_source()
+    images = band_images(source, bands, size)
     train, test = stratified_split(labels, test_fraction, seed)
     urls: dict[str, list[str]] = {}
     for split, index, n in (("train", train, train_shards), ("test", test, test_shards)):
+        names = [f"bands-{split}-{s:06d}.tar" for s in range(n)]
         for stale in out.glob(f"bands-{split}-*.tar"):
-            stale.unlink()
+            if stale.name not in names:
+                stale.unlink()
         urls[split] = []
-        for s, part in enumerate(np.array_split(index, n)):
-            path = out / f"bands-{split}-{s:06d}.tar"
-            write_tar(path, [(f"digit-{i:04d}", _png(images[i]), int(labels[i])) for i in part])
+        for name, part in zip(names, np.array_split(index, n)):
+            path, tmp = out / name, out / f".{name}.new"
+            write_tar(tmp, [(f"digit-{i:04d}", _png(images[i]), int(labels[i])) for i in part])
+            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                tmp.unlink()  # the same bytes: keep the file (and its mtime; extraction checks it)
+            else:
+                tmp.replace(path)
             urls[split].append(str(path))
     return BandShards(urls["train"], urls["test"], train, test)
 
@@ -348,8 +374,8 @@ def _read_cache(entry: Path, names: set[str]) -> tuple[dict[str, str], dict] | N
 
 def _train_all(cfg: PipelineConfig, channels: Mapping[str, int], bands: Sequence[Sequence[int]], r: TeacherRecipe,
                into: Path, log: Callable[[str], None]) -> dict:
-    grey, labels = digits_images(cfg.data.image_size)
-    images = band_images(grey, bands)
+    source, labels = digits_source()
+    images = band_images(source, bands, cfg.data.image_size)
     train, test = stratified_split(labels, r.test_fraction, r.split_seed)
     y = torch.from_numpy(labels)
     manifest: dict = {"recipe": dataclasses.asdict(r), "channels": dict(channels),
@@ -392,7 +418,7 @@ def ensure_band_teachers(cfg: PipelineConfig, channels: Mapping[str, int], bands
     if set(channels) != set(cfg.teachers) or sorted(channels.values()) != [0, 1, 2]:
         raise ValueError(f"channels {channels} must give each of the teachers {sorted(cfg.teachers)} "
                          f"one of the channels 0, 1, 2")
-    band_rows(bands, cfg.data.image_size)  # validates the bands
+    check_bands(bands)
     entry = (root or cache_root()) / teachers_key(cfg, channels, bands, recipe)
     cached = _read_cache(entry, set(cfg.teachers))
     if cached is not None:

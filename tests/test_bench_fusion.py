@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.complementary_teachers import (TeacherRecipe, assert_channel_blind, band_images, band_rows,
-                                               blind_to_other_channels)
+from benchmarks.complementary_teachers import (TeacherRecipe, assert_channel_blind, band_images,
+                                               blind_to_other_channels, check_bands)
 from extract.teachers import build_vit
 from store_schema.config import config_from_dict
 
@@ -21,19 +21,25 @@ def _split() -> tuple[dict, dict]:
     return raw.pop("bench"), raw
 
 
-def test_bands_split_the_image_into_three_channels_that_together_are_the_digit():
+def test_each_channel_is_a_function_of_its_band_only_and_together_they_are_the_digit():
     bench, _ = _split()
-    rows = band_rows(bench["bands"], 32)
-    assert rows[0][0] == 0 and rows[-1][1] == 32 and all(rows[i][1] == rows[i + 1][0] for i in range(2))
-    grey = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8).repeat(3, axis=3)
-    bands = band_images(grey, bench["bands"])
-    assert (bands.sum(axis=3) == grey[..., 0]).all()  # channels add up to the digit: nothing lost, nothing twice
-    for k, (a, b) in enumerate(rows):  # channel k is zero outside band k
-        outside = np.ones(32, bool)
+    bands = check_bands(bench["bands"])
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    img = band_images(src, bands, 32)
+    for k, (a, b) in enumerate(bands):  # changing every row outside band k leaves channel k as it was
+        other = src.copy()
+        outside = np.ones(8, bool)
         outside[a:b] = False
-        assert not bands[:, outside, :, k].any()
+        other[:, outside] = rng.integers(0, 256, (3, int(outside.sum()), 8), dtype=np.uint8)
+        assert (band_images(other, bands, 32)[..., k] == img[..., k]).all()
+        inside = src.copy()  # ... and changing a row inside it does change it
+        inside[:, a] = 255 - inside[:, a]
+        assert (band_images(inside, bands, 32)[..., k] != img[..., k]).any()
+    # every source row is in exactly one band: the three channels together hold the whole digit
+    assert sorted(r for a, b in bands for r in range(a, b)) == list(range(8))
     with pytest.raises(ValueError, match="cover"):
-        band_rows([[0, 3], [4, 5], [5, 8]], 32)
+        check_bands([[0, 3], [4, 5], [5, 8]])
 
 
 @pytest.mark.parametrize("channel", [0, 1, 2])
