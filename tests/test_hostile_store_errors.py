@@ -222,3 +222,18 @@ def test_distill_run_dir_errors_are_one_line(tmp_path, capsys, run_dir, words):
     assert rc == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("comad-distill train: error: train.run_dir") and words in line
+
+
+def test_a_torn_array_in_a_complete_unit_is_refused_naming_the_unit(tmp_path):
+    cfg = extract_config(tmp_path, write_tars(tmp_path, SIZES))
+    run_extraction(cfg)
+    store = FeatureStore.open(cfg.store.root)
+    unit = store.units()[0].name
+    Path(cfg.store.root, f"units/{unit}/teachers/ibot/patch/zarr.json").write_bytes(b"")
+    assert [p.where for p in validate_store(cfg.store.root)] == [f"units/{unit}/teachers/ibot/patch"]
+    with pytest.raises(StoreError, match=f"delete units/{unit} and rerun comad-extract") as e:
+        FeatureStore.open(cfg.store.root).read_block(unit, 0, 2, 0)
+    assert "\n" not in str(e.value)
+    import shutil
+    shutil.rmtree(Path(cfg.store.root, "units", unit))  # what the message says to do
+    assert run_extraction(cfg)["tars_extracted"] == 1 and validate_store(cfg.store.root) == []
