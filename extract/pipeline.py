@@ -190,7 +190,7 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
             store = _agree(lambda: _open_as_follower(cfg, metas, storage_options), world)
         else:
             _agree(lambda: None, world)
-        cfg, warnings = settle_config(cfg, store)  # the store's layout and pixel limit stay in force
+        cfg, warnings = settle_config(cfg, store, repair=rank == 0)  # the store's layout and pixel limit stay
         for w in warnings if rank == 0 else []:
             log.warning("%s", w)
         try:

@@ -41,9 +41,25 @@ _IN_FORCE = {
 _WHY = {"data.max_image_pixels": "so that every unit of the store is filtered alike"}
 
 
-def settle_config(cfg: PipelineConfig, store: FeatureStore) -> tuple[PipelineConfig, list[str]]:
-    """cfg with the store's values of the keys above, and one warning per value that differed."""
+_MAX_LEVEL = {"zstd": 22, "blosc": 9}  # as checked by config.validate; stores written before it may hold more
+
+
+def settle_config(cfg: PipelineConfig, store: FeatureStore, repair: bool = True) -> tuple[PipelineConfig, list[str]]:
+    """cfg with the store's values of the keys above, and one warning per value that differed.
+
+    A compression level in the root record that its codec cannot write (a store written before levels were
+    range-checked: every unit write would fail) is replaced there (`repair`: rank 0 only) by the codec's
+    maximum, with a warning: the level only changes how small new chunks are, never how they are read."""
     warnings, changes = [], {}
+    level, codec = store.meta.get("compression_level"), store.meta.get("compression")
+    if isinstance(level, int) and level > _MAX_LEVEL.get(codec, level):
+        warnings.append(f"{store.root}: its root record holds store.compression_level = {level}, above {codec}'s "
+                        f"maximum {_MAX_LEVEL[codec]}, which no unit can be written with; set to {_MAX_LEVEL[codec]}")
+        store.meta["compression_level"] = _MAX_LEVEL[codec]
+        if repair:
+            root = dict(store.group.attrs)
+            root["comad"] = {**root["comad"], "compression_level": _MAX_LEVEL[codec]}
+            store.group.attrs.put(root)
     for key, where in _IN_FORCE.items():
         node: Any = store.meta if where[0] == "meta" else store.meta.get("config", {})
         for part in where[1:]:

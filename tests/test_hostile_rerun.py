@@ -126,3 +126,22 @@ def test_the_store_pixel_limit_filters_new_units_alike(tmp_path):
     skipped = FeatureStore.open(str(tmp_path / "store")).skipped()
     assert {s["key"] for s in skipped} == {"big", "big2"}
     assert all("data.max_image_pixels = 2000" in s["reason"] for s in skipped)
+
+
+@pytest.mark.parametrize("codec, level, fixed", [("zstd", 30, 22), ("zstd", 23, 22), ("blosc", 15, 9)])
+def test_a_store_holding_an_unwritable_compression_level_is_repaired(tmp_path, caplog, codec, level, fixed):
+    """Stores written before levels were range-checked kept the bad level in their root record for good."""
+    import zarr
+    a = tar(tmp_path, "a", list(range(0, 5)), seed=1)
+    run_extraction(extract_config(tmp_path, [a], [f'store.compression="{codec}"']))
+    g = zarr.open_group(str(tmp_path / "store"), mode="r+")
+    g.attrs.put({**dict(g.attrs), "comad": {**dict(g.attrs)["comad"], "compression_level": level}})
+    b = tar(tmp_path, "b", list(range(5, 9)), seed=2)
+    cfg = extract_config(tmp_path, [a, b], [f'store.compression="{codec}"'])
+    with caplog.at_level(logging.WARNING, logger="comad.extract"):
+        summary = run_extraction(cfg)
+    assert summary["errors"] == [] and summary["images"] == 4
+    assert any(f"store.compression_level = {level}, above {codec}'s maximum {fixed}" in r.getMessage()
+               for r in caplog.records)
+    assert FeatureStore.open(cfg.store.root).meta["compression_level"] == fixed
+    assert validate_store(cfg.store.root) == []
