@@ -61,8 +61,8 @@ from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fing
 from store_schema.inspection import RUNS_GROUP
 from store_schema.joint_stats import fit_joint_stats
 from store_schema.lock import acquire_writer_lock, release_writer_lock
-from store_schema.oserrors import STORE_OS_ERRORS, explain
-from store_schema.store import FeatureStore, StoreError, TeacherMeta, raise_store_error, unit_name
+from store_schema.oserrors import STORE_OS_ERRORS, explain, raise_store_error
+from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
 from store_schema.writer import TeacherRows, UnitRows
 
 log = logging.getLogger("comad.extract")

@@ -53,4 +53,13 @@ def explain(root: str, e: BaseException, doing: str = "", key: str = "store.root
     return None
 
 
+def raise_store_error(root: str, e: BaseException, doing: str = ""):
+    """Raise `e` as a one-line StoreError when explain() knows it, else as it is."""
+    from .store import StoreError  # here, not at the top: store.py imports this module
+    msg = explain(root, e, doing)
+    if msg is None:
+        raise e
+    raise StoreError(msg) from e
+
+
 STORE_OS_ERRORS = (Exception,)  # what callers hand to explain(); it names the ones it knows, the rest re-raise

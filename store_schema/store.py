@@ -30,7 +30,7 @@ from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
-from .oserrors import STORE_OS_ERRORS, explain
+from .oserrors import STORE_OS_ERRORS, raise_store_error
 from .stats import RunningStats
 
 ROOT_ATTR, UNIT_ATTR, TEACHER_ATTR = "comad", "comad_unit", "comad_teacher"
@@ -391,14 +391,6 @@ async def _collect(agen) -> list[str]:
 
 def _digest(units: list[str]) -> str:
     return hashlib.sha1("\n".join(sorted(units)).encode()).hexdigest()
-
-
-def raise_store_error(root: str, e: BaseException, doing: str = ""):
-    """Raise `e` as a one-line StoreError when it is a known store-side failure (oserrors.explain), else as is."""
-    msg = explain(root, e, doing)
-    if msg is None:
-        raise e
-    raise StoreError(msg) from e
 
 
 def _group_exists(root: str, storage_options: dict | None) -> bool:
