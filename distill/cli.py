@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = "train.run_dir" if args.command in ("train", "sweep") else "--out"
         print(f"comad-distill {args.command}: error: {explain(str(where), e, key=key)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # safetensors reports a full disk or a permission problem as its own error type, not as OSError
+        if type(e).__module__.split(".")[0] != "safetensors" or os.environ.get("COMAD_TRACEBACK"):
+            raise
+        print(f"comad-distill {args.command}: error: cannot write a weights file ({e}); free space or fix the "
+              "permissions of train.run_dir (or --out), then rerun (training: with --resume)", file=sys.stderr)
+        return 2
     finally:
         _end_distributed()
 

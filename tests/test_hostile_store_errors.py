@@ -237,3 +237,24 @@ def test_a_torn_array_in_a_complete_unit_is_refused_naming_the_unit(tmp_path):
     import shutil
     shutil.rmtree(Path(cfg.store.root, "units", unit))  # what the message says to do
     assert run_extraction(cfg)["tars_extracted"] == 1 and validate_store(cfg.store.root) == []
+
+
+def test_distill_full_disk_while_writing_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    import safetensors
+    import safetensors.torch
+    from distill.cli import main as distill_main
+    cfg = extract_config(tmp_path, write_tars(tmp_path, [10]))
+    run_extraction(cfg)
+    toml = tmp_path / "p.toml"
+    toml.write_text(dumps_toml(cfg))
+
+    def full(*a, **k):  # what safetensors raises on ENOSPC (its own type, not OSError)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    args = ["train", "--config", str(toml), "--set", "train.steps=1", "--set", "heads.decoder_heads=2"]
+    assert distill_main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left" in err.strip().splitlines()[-1]
+    monkeypatch.undo()
+    assert distill_main(args + ["--resume"]) == 0  # space back: the run goes on
