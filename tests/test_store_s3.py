@@ -248,3 +248,18 @@ def test_a_server_ignoring_the_condition_is_named_best_effort(s3, written, monke
         acquire_writer_lock(store, "run-new")  # moto honours it: no warning
     assert not [r for r in caplog.records if "best effort" in r.getMessage()]
     release_writer_lock(store, "run-new")
+
+
+def test_an_input_on_s3_is_identified_by_size_and_etag(s3, monkeypatch):
+    from extract.resume import source_identity
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": s3["endpoint"]}.items():
+        monkeypatch.setenv(k, v)
+    client = s3["client"]
+    client.put_object(Bucket="bucket", Key="data/x.tar", Body=b"a" * 100)
+    first = source_identity("s3://bucket/data/x.tar")
+    assert first["size"] == 100 and first["etag"] == hashlib.md5(b"a" * 100).hexdigest()
+    client.put_object(Bucket="bucket", Key="data/x.tar", Body=b"b" * 100)  # same size, other bytes
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()  # a new run is a new process: no cached listing
+    second = source_identity("s3://bucket/data/x.tar")
+    assert second["size"] == 100 and second["etag"] != first["etag"]
