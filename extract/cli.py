@@ -1,8 +1,9 @@
-"""`comad-extract --config pipeline.toml [--set section.key=value ...]`: stage 1, the teacher-feature store.
+"""`comad-extract --config pipeline.toml [--set section.key=value ...] [--redo-changed]`: stage 1, the store.
 
 Exit status: 0 done; 1 the run did not complete (unreadable tars, too many skipped inputs, a failed
-process: the message says which; complete units are kept, rerun to resume); 2 a configuration, input
-list, teacher checkpoint or store problem (message only, no traceback); 130 interrupted.
+process, the store writer failing, e.g. on a full disk: the message says which; complete units are kept,
+rerun to resume); 2 a configuration, input list, teacher checkpoint or store problem, or an input that
+changed since its unit was written (without --redo-changed) (message only, no traceback); 130 interrupted.
 """
 from __future__ import annotations
 
