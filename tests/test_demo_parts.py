@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tomllib
 from collections import Counter
@@ -27,11 +28,11 @@ from distill.demo.teacher_fixtures import (
 )
 from distill.heads import sincos_pos_embed_2d
 from extract.shards import Sample, iter_tar
-from extract.teachers import build_vit, load_teacher
+from extract.teachers import build_vit, load_teacher, state_dict_sha256
 from store_schema.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = FixtureRecipe(batch_size=16, mae_steps=2, contrastive_steps=2, supervised_steps=2)
+SHORT = FixtureRecipe(batch_size=16, mae_steps=2, mocov3_steps=2, ibot_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -148,25 +149,41 @@ def test_out_dir_is_refused_when_foreign_and_cleared_when_ours(tmp_path):
 # Teacher fixtures
 
 
+OFFICIAL_TOP = {"mae": {"model"}, "mocov3": {"epoch", "arch", "state_dict"}, "ibot": {"state_dict"}}
+
+
 @pytest.mark.parametrize("name", ["mae", "mocov3", "ibot"])
 def test_fixture_trains_and_loads_strictly_in_its_official_format(tmp_path, digits, demo_cfg, name):
-    from extract.teachers import save_in_official_format
-
-    images, labels = digits
+    images, _ = digits
     tcfg = demo_cfg.teachers[name]
     torch.manual_seed(SHORT.seed)
     init = build_vit(tcfg.arch, tcfg.arch_kwargs, 32, 4).state_dict()
-    sd, log = train_teacher(tcfg, 32, 4, images[:64], labels[:64], SHORT)
-    assert log["objective"] == OBJECTIVES[tcfg.format] and log["steps"] == 2
+    fx = train_teacher(tcfg, 32, 4, images[:64], SHORT)
+    sd = fx.backbone
+    assert fx.log["objective"] == OBJECTIVES[tcfg.format] and fx.log["steps"] == 2
     assert any(not torch.equal(sd[k], init[k]) for k in sd if k != "pos_embed")  # it trained
     if name in ("mae", "mocov3"):  # fixed sin-cos positions, each in its official layout, kept frozen
         pos = sincos_pos_embed_2d(96, 8, True) if name == "mae" else mocov3_sincos_pos_embed(96, 8)
         assert torch.equal(sd["pos_embed"], pos)
     path = tmp_path / f"{name}.pth"
-    save_in_official_format(sd, str(path), tcfg.format)
+    torch.save(fx.checkpoint, path)
     raw = torch.load(path, weights_only=True)
-    assert set(raw) & {"model", "state_dict"}  # the official top-level layout, not a bare state dict
-    loaded, _ = load_teacher(dataclasses.replace(tcfg, weights=str(path)), 32, 4)
+    assert set(raw) == OFFICIAL_TOP[name]  # the official top-level layout, not a bare state dict
+    if name == "mocov3":  # the whole MoCo v3 model: query encoder + projector, key encoder + projector, predictor
+        prefixes = {k.split(".")[1] for k in raw["state_dict"]}
+        assert prefixes == {"base_encoder", "momentum_encoder", "predictor"}
+        assert "module.base_encoder.head.0.weight" in raw["state_dict"]
+        assert "module.momentum_encoder.head.6.weight" in raw["state_dict"]  # 3-layer projector
+        assert torch.equal(raw["state_dict"]["module.base_encoder.patch_embed.proj.weight"],
+                           init["patch_embed.proj.weight"])  # stop-grad conv1: the patch projection stays random
+    loaded, sha = load_teacher(dataclasses.replace(tcfg, weights=str(path)), 32, 4)
+    assert sha == state_dict_sha256(sd)  # what the pipeline loads is the fixture's backbone
+    if name == "mocov3":  # ... the query encoder, not the momentum copy
+        assert not torch.equal(raw["state_dict"]["module.momentum_encoder.blocks.0.attn.qkv.weight"],
+                               sd["blocks.0.attn.qkv.weight"])
+    if name == "ibot":  # ... the EMA teacher, not the student
+        assert torch.equal(sd["blocks.0.attn.qkv.weight"], fx.state["teacher.blocks.0.attn.qkv.weight"])
+        assert not torch.equal(sd["blocks.0.attn.qkv.weight"], fx.state["student.blocks.0.attn.qkv.weight"])
     ref = build_vit(tcfg.arch, tcfg.arch_kwargs, 32, 4)
     ref.load_state_dict(sd, strict=True)
     a, b = teacher_features(loaded, images[:40], tcfg.mean, tcfg.std), teacher_features(ref, images[:40], tcfg.mean, tcfg.std)
@@ -175,18 +192,20 @@ def test_fixture_trains_and_loads_strictly_in_its_official_format(tmp_path, digi
 
 def test_objectives_give_different_representations_from_one_init(digits):
     # Small backbones keep this quick; the full-size fixtures' CKA is checked by the end-to-end test.
-    images, labels = digits
+    images, _ = digits
     cfg = load_config(DEMO_TOML, [f"teachers.{n}.arch_kwargs={{embed_dim = 32, depth = 2, num_heads = 2}}"
                                   for n in ("mae", "mocov3", "ibot")])
-    recipe = FixtureRecipe(batch_size=32, mae_steps=40, contrastive_steps=40, supervised_steps=40,
-                           mae_lr=3e-3, contrastive_lr=3e-3, supervised_lr=3e-3)
+    # The two EMA methods move more slowly from the init (MoCo v3's patch projection is frozen, iBOT's fixture is
+    # its EMA teacher, which at momentum 0.99 would move only a third of the way in 40 steps).
+    recipe = FixtureRecipe(batch_size=32, mae_steps=40, mocov3_steps=100, ibot_steps=100,
+                           mae_lr=3e-3, mocov3_lr=3e-3, ibot_lr=3e-3, ibot_momentum=0.9)
     sub = np.arange(0, 1797, 4)  # 450 images to compare features on
     feats, init_feats = {}, {}
     for name, tcfg in cfg.teachers.items():
         for out, steps in ((init_feats, 0), (feats, None)):
-            sd, _ = train_teacher(tcfg, 32, 4, images, labels, recipe, steps=steps)
+            fx = train_teacher(tcfg, 32, 4, images, recipe, steps=steps)
             model = build_vit(tcfg.arch, tcfg.arch_kwargs, 32, 4)
-            model.load_state_dict(sd, strict=True)
+            model.load_state_dict(fx.backbone, strict=True)
             out[name] = teacher_features(model, images[sub], tcfg.mean, tcfg.std)[0]  # CLS features
     names = sorted(feats)
     for i, a in enumerate(names):
@@ -220,6 +239,7 @@ def test_ensure_teachers_caches_by_recipe(tmp_path, monkeypatch):
         assert 0.0 <= info["knn_cls"] <= 1.0 and info["objective"] == OBJECTIVES[name]
         _, sha = load_teacher(dataclasses.replace(cfg.teachers[name], weights=paths[name]), 32, 4)
         assert sha == info["sha256"]
+        assert hashlib.sha256(Path(paths[name]).read_bytes()).hexdigest() == info["file_sha256"]
     assert json.loads((Path(paths["mae"]).parent / "manifest.json").read_text()) == manifest
 
     def no_training(*a, **k):

@@ -1,12 +1,14 @@
 """`comad-demo [--out DIR] [--quick]`: the whole pipeline, offline, on scikit-learn's digits, in minutes on a CPU.
 
 1. writes the digits as WebDataset shards (stratified, seeded train/test split);
-2. trains (or reuses from the cache) three small teachers with different objectives, saved in the
-   official MAE / MoCo v3 / iBOT checkpoint layouts;
+2. trains (or reuses from the cache) three small teachers, each by a small version of its own method
+   (MAE masked reconstruction, MoCo v3 momentum contrast, iBOT masked self-distillation; no labels),
+   saved in the official MAE / MoCo v3 / iBOT checkpoint layouts, bit-reproducibly;
 3. writes `<out>/demo.toml` (the shipped demo config with this run's paths) and runs the same commands a
    user runs: `comad-extract`, `comad-distill train`, `comad-distill eval` for each teacher, a
    random-init student and the distilled student (in this process, through their `main(argv)`);
-4. prints a table of kNN / linear-probe accuracies, writes `<out>/results.json` and `<out>/report.png`.
+4. prints a table of kNN / linear-probe accuracies, writes `<out>/results.json` (with each teacher's
+   weights sha256, to compare two runs' fixtures) and `<out>/report.png`.
 
 Exit status: 0 done; 1 a stage failed (its command is printed, rerun it alone to debug); 2 a bad
 argument, config or output directory.
@@ -139,7 +141,9 @@ def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides
     timings["total"] = time.perf_counter() - t_start
     summary = {"out": str(out), "quick": quick, "config": str(resolved),
                "rows": [{"name": r.name, "kind": r.kind, "eval": r.eval} for r in results],
-               "teacher_fixtures": manifest, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "teacher_fixtures": manifest,
+               "teacher_weights_sha256": {n: t["sha256"] for n, t in manifest["teachers"].items()},
+               "timings_s": {k: round(v, 1) for k, v in timings.items()},
                "report_png": str(out / "report.png")}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log("\n" + format_table(results))

@@ -1,23 +1,25 @@
-"""Three small teacher ViTs for the offline demo, trained on the digits with different objectives.
+"""Three small teacher ViTs for the offline demo, each trained on the digits by a small version of its method.
 
-Real ViT-B checkpoints cannot be downloaded offline, so the demo trains stand-ins that carry
-*different* knowledge, as MAE, MoCo v3 and iBOT do:
+Real ViT-B checkpoints cannot be downloaded offline, so the demo trains stand-ins that learn as MAE,
+MoCo v3 and iBOT do (``fixture_objectives``: masked pixel reconstruction; momentum contrast with a
+predictor; masked self-distillation on CLS and patch tokens). No objective sees a label: labels are
+used only to measure the fixtures (kNN). MAE and MoCo v3 train with fixed sin-cos positions in their
+own layouts, iBOT with learnable ones. All three start from the same initial backbone (one seed), so
+the differences between them come from the objectives. Teachers see the train split only.
 
-- format ``mae``    -> masked reconstruction (MAE): 75 % of the tokens dropped, a narrow decoder
-  regresses the per-patch normalised pixels of the dropped patches; fixed sin-cos positions (MAE layout);
-- format ``mocov3`` -> contrastive (SimCLR-style InfoNCE between two augmented views through a
-  projection MLP; in-batch negatives); fixed sin-cos positions in MoCo v3's own layout;
-- format ``ibot``   -> supervised cross-entropy on the labels (learnable positions, as iBOT).
+Reproducible: every random draw comes from one seeded generator (none from the global RNG), and the
+training runs with recipe.num_threads intra-op threads and torch's deterministic algorithms (both
+restored afterwards), so two trainings on one machine give bit-identical weights. Other CPUs may
+differ: BLAS / oneDNN pick kernels by instruction set, which changes rounding.
 
-All three start from the same initial weights (one seed), so the differences between them come from
-the objectives. Teachers see the train split only. Each backbone is saved with
-``extract.teachers.save_in_official_format`` in its format and read back by ``load_teacher`` strictly.
-Results are cached under ``$COMAD_DEMO_CACHE`` (default ``~/.cache/comad-demo``) in a directory named
-by a hash of the recipe, the teacher configs and the library versions, so a rerun skips training.
-The recipe's numbers are demo-fixture settings, not the method's (those live in the config).
+Each fixture is saved in its method's official checkpoint layout and read back by ``load_teacher``
+strictly. Results are cached under ``$COMAD_DEMO_CACHE`` (default ``~/.cache/comad-demo``) in a
+directory named by a hash of the recipe, the teacher configs, the code and the library versions, so a
+rerun skips training. The recipe's numbers are demo-fixture settings, not the method's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,50 +30,26 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
-from torch import Tensor, nn
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
 from distill.demo.digits_data import digits_images, stratified_split
+from distill.demo.fixture_objectives import OBJECTIVES, build_objective
+from distill.demo.fixture_recipe import FixtureRecipe
 from distill.heads import sincos_pos_embed_2d
-from extract.teachers import build_vit, save_in_official_format, state_dict_sha256
-from extract.vit_forward import forward_visible, patchify
+from extract.teachers import build_vit, state_dict_sha256
 from store_schema.config import PipelineConfig, TeacherConfig
 
-FIXTURE_CODE_VERSION = 1  # bump when the training code changes what a recipe produces
-OBJECTIVES = {"mae": "masked_reconstruction", "mocov3": "contrastive", "ibot": "supervised"}  # by format
+__all__ = ["OBJECTIVES", "FixtureRecipe", "TrainedFixture", "ensure_teachers", "fixture_key", "train_teacher"]
 
-
-@dataclass(frozen=True)
-class FixtureRecipe:
-    # Measured with demo.toml's teachers: test kNN@20 (best of CLS / mean patch) 0.73 / 0.84 / 0.86 in
-    # ~60 + 40 + 70 s on 2 cores. MAE at lr 3e-3 fell below a random backbone; supervised needs 3e-3.
-    mae_steps: int = 600
-    contrastive_steps: int = 150
-    supervised_steps: int = 300
-    mae_lr: float = 1e-3
-    contrastive_lr: float = 1e-3
-    supervised_lr: float = 3e-3
-    batch_size: int = 64
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    test_fraction: float = 0.2  # the digits split the demo evaluates on; teachers never see its test part
-    split_seed: int = 0
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # mild crops for MAE and supervised training
-    contrastive_crop_scale: tuple[float, float] = (0.3, 1.0)  # contrastive learning needs strong views
-    mask_ratio: float = 0.75
-    decoder_dim: int = 64
-    decoder_depth: int = 1
-    decoder_heads: int = 2
-    temperature: float = 0.2  # InfoNCE
-    projection_dim: int = 64
-    label_smoothing: float = 0.1
+# Bump when the training code changes what a recipe produces. 2: MoCo v3 with momentum encoder and
+# predictor, iBOT masked self-distillation (was: SimCLR-style contrast, supervised), fixed threads.
+FIXTURE_CODE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,20 +66,6 @@ def mocov3_sincos_pos_embed(dim: int, grid: int) -> Tensor:
     oa, ob = a.reshape(-1, 1) * omega, b.reshape(-1, 1) * omega
     emb = torch.cat([oa.sin(), oa.cos(), ob.sin(), ob.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim), emb], dim=0).unsqueeze(0)
-
-
-def random_resized_crop(x: Tensor, scale: tuple[float, float], gen: torch.Generator) -> Tensor:
-    """Batched RandomResizedCrop (ratio 3/4..4/3) by an affine resampling: (B, C, H, W) -> same shape."""
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=gen)
-    ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen).exp()
-    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2] = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)  # box centre stays inside the image
-    theta[:, 1, 2] = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def to_input(images: np.ndarray | Tensor, mean: list[float], std: list[float]) -> Tensor:
@@ -141,132 +105,90 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Objectives: each returns the trainable heads and a loss(images in [0, 1] (B, 3, H, W), labels (B,))
+# Training
 
 
-class _PixelDecoder(nn.Module):
-    """MAE's decoder: visible tokens + mask tokens on the grid, fixed positions, blocks, per-patch pixels."""
-
-    def __init__(self, enc_dim: int, dim: int, depth: int, heads: int, grid: int, patch: int) -> None:
-        super().__init__()
-        self.embed = nn.Linear(enc_dim, dim)
-        self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.register_buffer("pos", sincos_pos_embed_2d(dim, grid, cls_token=False))
-        self.blocks = nn.Sequential(*[Block(dim, heads, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, 3 * patch * patch)
-
-    def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
-        """tokens (B, K, D) at grid indices keep (B, K) -> pixel predictions (B, N, 3 p p)."""
-        x = self.embed(tokens)
-        b, _, d = x.shape
-        grid = self.mask_token.expand(b, self.pos.shape[1], d).scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x)
-        return self.pred(self.norm(self.blocks(grid + self.pos)))
+@contextlib.contextmanager
+def reproducible(num_threads: int) -> Iterator[None]:
+    """Fixed intra-op threads and deterministic algorithms inside; the caller's settings restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _objective(kind: str, model: VisionTransformer, tcfg: TeacherConfig, r: FixtureRecipe,
-               gen: torch.Generator) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
-    d, p = model.embed_dim, model.patch_embed.patch_size[0]
-    n, grid = model.patch_embed.num_patches, model.patch_embed.grid_size[0]
-
-    def inp(x: Tensor) -> Tensor:
-        return to_input(x, tcfg.mean, tcfg.std)
-
-    if kind == "masked_reconstruction":
-        heads = _PixelDecoder(d, r.decoder_dim, r.decoder_depth, r.decoder_heads, grid, p)
-        n_keep = max(1, round(n * (1 - r.mask_ratio)))
-
-        def loss(x: Tensor, y: Tensor) -> Tensor:
-            x = random_resized_crop(x, r.crop_scale, gen)
-            keep = torch.rand(len(x), n, generator=gen).argsort(1)[:, :n_keep]  # (B, K) uniform random subset
-            _, tokens = forward_visible(model, inp(x), keep)
-            pred = heads(tokens, keep)  # (B, N, 3 p p)
-            target = patchify(x, p).flatten(2)  # (B, N, 3 p p), MAE's norm_pix_loss target:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
-            masked = torch.ones(len(x), n).scatter(1, keep, 0.0)  # 1 where dropped
-            return (((pred - target) ** 2).mean(-1) * masked).sum() / masked.sum()
-    elif kind == "contrastive":
-        heads = nn.Sequential(nn.Linear(d, 2 * d), nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Linear(2 * d, r.projection_dim))
-
-        def loss(x: Tensor, y: Tensor) -> Tensor:
-            views = []
-            for _ in range(2):
-                v = random_resized_crop(x, r.contrastive_crop_scale, gen)
-                contrast = torch.empty(len(x), 1, 1, 1).uniform_(0.6, 1.4, generator=gen)
-                brightness = torch.empty(len(x), 1, 1, 1).uniform_(-0.2, 0.2, generator=gen)
-                views.append((v - 0.5) * contrast + 0.5 + brightness)  # grey digits: intensity is the colour jitter
-            z = F.normalize(heads(model.forward_features(inp(torch.cat(views)))[:, 0]), dim=1)  # (2B, c)
-            logits = (z @ z.T / r.temperature).fill_diagonal_(float("-inf"))  # a view is not its own negative
-            b = len(x)
-            positive = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])  # view 1 of i <-> view 2 of i
-            return F.cross_entropy(logits, positive)
-    elif kind == "supervised":
-        heads = nn.Linear(d, 10)
-
-        def loss(x: Tensor, y: Tensor) -> Tensor:
-            logits = heads(model.forward_features(inp(random_resized_crop(x, r.crop_scale, gen)))[:, 0])
-            return F.cross_entropy(logits, y, label_smoothing=r.label_smoothing)
-    else:
-        raise ValueError(f"unknown fixture objective {kind!r}; choose one of {sorted(set(OBJECTIVES.values()))}")
-    return heads, loss
+@dataclass
+class TrainedFixture:
+    backbone: dict[str, Tensor]  # plain timm keys, no head: the weights the pipeline loads
+    checkpoint: dict  # the object to torch.save in the method's official layout
+    state: dict[str, Tensor]  # everything the objective trained (heads, EMA copies, centres), for hashing
+    log: dict  # objective, steps, seconds, loss_first, loss_last
 
 
-def _schedule(kind: str, r: FixtureRecipe) -> tuple[int, float]:
-    """(steps, peak lr) of an objective."""
-    return {"masked_reconstruction": (r.mae_steps, r.mae_lr), "contrastive": (r.contrastive_steps, r.contrastive_lr),
-            "supervised": (r.supervised_steps, r.supervised_lr)}[kind]
+def _schedule(fmt: str, r: FixtureRecipe) -> tuple[int, float]:
+    """(steps, peak lr) of a format's objective."""
+    return {"mae": (r.mae_steps, r.mae_lr), "mocov3": (r.mocov3_steps, r.mocov3_lr),
+            "ibot": (r.ibot_steps, r.ibot_lr)}[fmt]
 
 
-def train_teacher(tcfg: TeacherConfig, image_size: int, patch_size: int, images: np.ndarray, labels: np.ndarray,
-                  recipe: FixtureRecipe, steps: int | None = None) -> tuple[dict[str, Tensor], dict]:
-    """Train one teacher backbone with the objective of its format on uint8 images (B, H, W, 3), labels (B,).
+def train_teacher(tcfg: TeacherConfig, image_size: int, patch_size: int, images: np.ndarray,
+                  recipe: FixtureRecipe, steps: int | None = None) -> TrainedFixture:
+    """Train one teacher with its format's objective on unlabelled uint8 images (B, H, W, 3).
 
-    Returns the backbone state dict (plain timm keys, no head) and a log {objective, steps, seconds,
-    loss_first, loss_last} (mean loss of the first / last 10 steps).
+    AdamW with linear warm-up and cosine decay, gradient clipping. Reproducible (see the module
+    docstring): the result depends on the arguments only, not on the global RNG or the machine's
+    thread count. log holds the mean loss of the first / last 10 steps.
     """
     if tcfg.format not in OBJECTIVES:
         raise ValueError(f"teacher {tcfg.name!r}: the demo trains fixtures for formats {sorted(OBJECTIVES)}, "
                          f"not {tcfg.format!r}")
-    kind = OBJECTIVES[tcfg.format]
-    default_steps, peak_lr = _schedule(kind, recipe)
+    default_steps, peak_lr = _schedule(tcfg.format, recipe)
     steps = default_steps if steps is None else steps
-    gen = torch.Generator().manual_seed(recipe.seed + 1)  # batches, crops, masks
-    with torch.random.fork_rng(devices=[]):  # seed the initialisation without moving the caller's global RNG
-        torch.manual_seed(recipe.seed)  # the same initial backbone for every objective
-        model = build_vit(tcfg.arch, tcfg.arch_kwargs, image_size, patch_size)
-        heads, loss_fn = _objective(kind, model, tcfg, recipe, gen)
-    grid = model.patch_embed.grid_size[0]
-    if tcfg.format in ("mae", "mocov3"):  # both train with fixed sin-cos positions, each in its own layout
-        pos = sincos_pos_embed_2d(model.embed_dim, grid, True) if tcfg.format == "mae" else \
-            mocov3_sincos_pos_embed(model.embed_dim, grid)
-        model.pos_embed.data.copy_(pos)
-        model.pos_embed.requires_grad_(False)
-    model.train()
-    heads.train()
-    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
-    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
-    y_all = torch.from_numpy(labels).long()
-    warmup = max(1, int(recipe.warmup_fraction * steps))
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        lr = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        idx = torch.randint(len(x_all), (min(recipe.batch_size, len(x_all)),), generator=gen)
-        loss = loss_fn(x_all[idx], y_all[idx])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"teacher {tcfg.name!r} ({kind}): non-finite loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-    log = {"objective": kind, "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
-           "loss_first": float(np.mean(losses[:10])) if losses else None,
-           "loss_last": float(np.mean(losses[-10:])) if losses else None}
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, log
-
+    gen = torch.Generator().manual_seed(recipe.seed + 1)  # batches, views, masks
+    with reproducible(recipe.num_threads):
+        with torch.random.fork_rng(devices=[]):  # module init draws from the global RNG: seed it, then restore
+            torch.manual_seed(recipe.seed)  # the same initial backbone for every objective
+            model = build_vit(tcfg.arch, tcfg.arch_kwargs, image_size, patch_size)
+            grid = model.patch_embed.grid_size[0]
+            if tcfg.format in ("mae", "mocov3"):  # both train with fixed sin-cos positions, each in its own layout
+                pos = sincos_pos_embed_2d(model.embed_dim, grid, True) if tcfg.format == "mae" else \
+                    mocov3_sincos_pos_embed(model.embed_dim, grid)
+                model.pos_embed.data.copy_(pos)
+                model.pos_embed.requires_grad_(False)
+            obj = build_objective(tcfg.format, model, tcfg.mean, tcfg.std, recipe, gen)
+        obj.train()
+        params = [p for p in obj.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=peak_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+        x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
+        warmup = max(1, int(recipe.warmup_fraction * steps))
+        losses, t0 = [], time.perf_counter()
+        for step in range(steps):
+            progress = step / steps
+            for g in opt.param_groups:
+                g["lr"] = peak_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+            idx = torch.randint(len(x_all), (min(recipe.batch_size, len(x_all)),), generator=gen)
+            loss = obj.loss(x_all[idx], progress)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"teacher {tcfg.name!r} ({obj.kind}): non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            obj.before_step(progress)
+            opt.step()
+            obj.after_step(progress)
+            losses.append(loss.item())
+        log = {"objective": obj.kind, "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+               "loss_first": float(np.mean(losses[:10])) if losses else None,
+               "loss_last": float(np.mean(losses[-10:])) if losses else None}
+        obj.eval()
+        backbone = {k: v.detach().clone() for k, v in obj.backbone().state_dict().items()}
+        state = {k: v.detach().clone() for k, v in obj.state_dict().items()}
+        return TrainedFixture(backbone, obj.checkpoint(steps), state, log)
 
 # ----------------------------------------------------------------------------------------------
 # The cache
@@ -307,26 +229,37 @@ def _read_cache(entry: Path, cfg: PipelineConfig) -> tuple[dict[str, str], dict]
     return paths, manifest
 
 
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _train_all(cfg: PipelineConfig, recipe: FixtureRecipe, into: Path, log: Callable[[str], None]) -> dict:
-    """Train, save and measure every teacher of cfg into the directory `into`; returns the manifest."""
+    """Train, save and measure every teacher of cfg into the directory `into`; returns the manifest.
+
+    Labels are used here only, to measure the trained fixtures; the training sees unlabelled images.
+    """
     images, labels = digits_images(cfg.data.image_size)
     train, test = stratified_split(labels, recipe.test_fraction, recipe.split_seed)
     y = torch.from_numpy(labels)
-    manifest: dict = {"recipe": dataclasses.asdict(recipe), "teachers": {}, "cka": {}}
+    manifest: dict = {"recipe": dataclasses.asdict(recipe), "teachers": {}, "cka": {},
+                      "threads": recipe.num_threads, "cpu": _cpu_name()}
     test_feats: dict[str, tuple[Tensor, Tensor]] = {}
     for name, tcfg in cfg.teachers.items():
-        log(f"teachers: training {name!r} ({OBJECTIVES.get(tcfg.format, '?')}) on {len(train)} digits ...")
-        sd, info = train_teacher(tcfg, cfg.data.image_size, cfg.data.patch_size, images[train], labels[train], recipe)
+        log(f"teachers: training {name!r} ({OBJECTIVES.get(tcfg.format, '?')}) on {len(train)} unlabelled digits ...")
+        fx = train_teacher(tcfg, cfg.data.image_size, cfg.data.patch_size, images[train], recipe)
         file = checkpoint_name(name, tcfg.format)
-        save_in_official_format(sd, str(into / file), tcfg.format)
+        torch.save(fx.checkpoint, into / file)
         model = build_vit(tcfg.arch, tcfg.arch_kwargs, cfg.data.image_size, cfg.data.patch_size)
-        model.load_state_dict(sd, strict=True)
-        feats = teacher_features(model, images, tcfg.mean, tcfg.std)
-        info |= {"format": tcfg.format, "file": file, "sha256": state_dict_sha256(sd)}
+        model.load_state_dict(fx.backbone, strict=True)
+        with reproducible(recipe.num_threads):  # the manifest's numbers are as reproducible as the weights
+            feats = teacher_features(model, images, tcfg.mean, tcfg.std)
+        info = fx.log | {"format": tcfg.format, "file": file, "sha256": state_dict_sha256(fx.backbone),
+                         "state_sha256": state_dict_sha256(fx.state), "file_sha256": _file_sha256(into / file)}
         for feat_name, f in zip(("cls", "mean_patch"), feats):
             info[f"knn_{feat_name}"] = knn_accuracy(f[train], y[train], f[test], y[test])
         log(f"teachers: {name!r} done in {info['seconds']:.0f}s, loss {info['loss_first']:.3f} -> "
-            f"{info['loss_last']:.3f}, kNN cls {info['knn_cls']:.3f} mean-patch {info['knn_mean_patch']:.3f}")
+            f"{info['loss_last']:.3f}, kNN cls {info['knn_cls']:.3f} mean-patch {info['knn_mean_patch']:.3f}, "
+            f"weights sha256 {info['sha256'][:12]}")
         manifest["teachers"][name] = info
         test_feats[name] = (feats[0][test], feats[1][test])
     names = list(test_feats)
@@ -337,12 +270,26 @@ def _train_all(cfg: PipelineConfig, recipe: FixtureRecipe, into: Path, log: Call
     return manifest
 
 
+def _cpu_name() -> str:
+    """The CPU model (what bit-reproducibility across machines depends on), best effort."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def ensure_teachers(cfg: PipelineConfig, recipe: FixtureRecipe = FixtureRecipe(), root: Path | None = None,
                     log: Callable[[str], None] = print) -> tuple[dict[str, str], dict]:
     """Trained teacher checkpoints for cfg's teachers: ({name: path}, manifest), training them if not cached.
 
     The manifest (also ``manifest.json`` in the cache entry) records per teacher the objective, file,
-    weights sha256, training time and loss, and kNN accuracy (k=20) of CLS and mean-patch features
+    sha256 of the backbone weights (``sha256``, what load_teacher reports), of everything the objective
+    trained (``state_sha256``) and of the file, training time and loss, and kNN accuracy (k=20) of CLS and mean-patch features
     on the digits test split; and the linear CKA of every teacher pair's test features. An entry is
     filled under a temporary name and renamed, so it is complete or absent; when two runs race, the
     first complete entry wins.
