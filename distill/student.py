@@ -12,7 +12,7 @@ from torch import Tensor
 
 from distill.heads import sincos_pos_embed_2d
 from extract.vit_forward import check_supported_vit, embed_patch_pixels, encode_tokens
-from store_schema.config import StudentConfig
+from store_schema.config import ConfigError, StudentConfig
 
 
 def build_student(cfg: StudentConfig, image_size: int, patch_size: int) -> VisionTransformer:
@@ -26,8 +26,15 @@ def build_student(cfg: StudentConfig, image_size: int, patch_size: int) -> Visio
     if reserved:
         raise ValueError(f"student.arch_kwargs must not set {sorted(reserved)}: they come from data.image_size, "
                          "data.patch_size and the pipeline (a headless, randomly initialised student)")
-    model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, img_size=image_size,
-                              patch_size=patch_size, **cfg.arch_kwargs)
+    try:
+        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, img_size=image_size,
+                                  patch_size=patch_size, **cfg.arch_kwargs)
+    except (RuntimeError, ValueError, TypeError, AssertionError, ZeroDivisionError) as e:
+        # timm checks sizes with asserts and arithmetic deep inside the model: name the keys instead
+        raise ConfigError(f"student.arch = {cfg.arch!r} with student.arch_kwargs = {dict(cfg.arch_kwargs)} cannot be "
+                          f"built at data.image_size = {image_size}, data.patch_size = {patch_size}: "
+                          f"{type(e).__name__}: {e or 'invalid sizes'} (e.g. embed_dim must be a positive multiple "
+                          "of num_heads, depth >= 0)") from e
     check_supported_vit(model)
     grid = model.patch_embed.grid_size
     if grid[0] != grid[1]:

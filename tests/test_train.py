@@ -299,3 +299,12 @@ def test_single_teacher_student_from_the_three_teacher_store(store_root):
     assert torch.isfinite(loss) and float(metrics["gate_weight/mocov3"]) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="train.teachers names 'dino'"):
         _cfg(store_root, ['train.teachers=["dino"]'])
+
+
+@pytest.mark.parametrize("kwargs", ["{embed_dim = 30, depth = 1, num_heads = 4}", "{depth = -1}",
+                                    "{embed_dim = 0, depth = 1, num_heads = 1}"])
+def test_an_unbuildable_student_is_one_line_naming_the_keys(store_root, tmp_path, capsys, kwargs):
+    code = cli_main(["train", "--config", str(store_root / "config.toml"), "--set", f"student.arch_kwargs={kwargs}",
+                     "--set", f'train.run_dir="{tmp_path}/run"'])
+    err = capsys.readouterr().err
+    assert code == 2 and "student.arch_kwargs" in err and "Traceback" not in err
