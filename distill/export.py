@@ -136,9 +136,9 @@ def export_config(cfg: PipelineConfig, model: VisionTransformer, source: str) ->
             "num_classes": 0,
             "input_size": [3, s, s],
             "fixed_input_size": True,
-            # crop_pct 1: resize the shorter side to S, centre-crop S — the transform distill.evaluate uses
+            # the transform distill.evaluate uses: resize the shorter side to S / crop_pct, centre-crop S
             "interpolation": "bicubic",
-            "crop_pct": 1.0,
+            "crop_pct": cfg.eval.crop_fraction,
             "crop_mode": "center",
             "mean": list(cfg.student.mean),
             "std": list(cfg.student.std),

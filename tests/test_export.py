@@ -57,6 +57,7 @@ def test_export_loads_in_timm_with_identical_features(tmp_path):
     assert config["architecture"] == cfg.student.arch and config["num_classes"] == 0
     assert config["model_args"] == {"img_size": 32, "patch_size": 8, **cfg.student.arch_kwargs}
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert config["pretrained_cfg"]["crop_pct"] == cfg.eval.crop_fraction  # the eval protocol travels with it
     assert config["pretrained_cfg"]["mean"] == cfg.student.mean and config["pretrained_cfg"]["std"] == cfg.student.std
 
     x = torch.randn(3, 3, 32, 32)
