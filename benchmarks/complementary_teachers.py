@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.demo.digits_data import stratified_split, write_tar
+from distill.demo.fixture_views import random_resized_crop
+from distill.demo.teacher_fixtures import knn_accuracy, teacher_features, to_input
 from extract.teachers import build_vit, save_in_official_format, state_dict_sha256
 from extract.vit_forward import forward_visible
 from store_schema.config import PipelineConfig, TeacherConfig
@@ -76,50 +78,6 @@ def cache_root() -> Path:
     if os.environ.get("COMAD_DEMO_CACHE"):
         return Path(os.environ["COMAD_DEMO_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comad-demo"
-
-
-def random_resized_crop(x: Tensor, scale: Sequence[float], gen: torch.Generator) -> Tensor:
-    """Batched RandomResizedCrop (ratio 3/4..4/3) by an affine resampling: (B, C, H, W) -> same shape."""
-    b = x.shape[0]
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=gen)
-    ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen).exp()
-    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = w, h
-    theta[:, 0, 2] = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)  # the box stays inside the image
-    theta[:, 1, 2] = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def to_input(images: np.ndarray | Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 (B, H, W, 3) or float [0, 1] (B, 3, H, W) -> normalised float (B, 3, H, W)."""
-    x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        x = x.permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-@torch.no_grad()
-def teacher_features(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                     batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Frozen features of uint8 images (B, H, W, 3): CLS (B, D) and mean patch token (B, D), after the final norm."""
-    model.eval()
-    cls, patch = [], []
-    for i in range(0, len(images), batch_size):
-        tokens = model.forward_features(to_input(images[i:i + batch_size], mean, std))  # (b, 1 + N, D)
-        cls.append(tokens[:, 0])
-        patch.append(tokens[:, 1:].mean(1))
-    return torch.cat(cls), torch.cat(patch)
-
-
-def knn_accuracy(train: Tensor, train_y: Tensor, test: Tensor, test_y: Tensor, k: int = 20,
-                 temperature: float = 0.07, num_classes: int = NUM_CLASSES) -> float:
-    """DINO's weighted kNN on L2-normalised features (cosine similarity, weights exp(sim / T))."""
-    sim = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
-    top, idx = sim.topk(min(k, len(train)), dim=1)
-    votes = torch.zeros(len(test), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
-    return float((votes.argmax(1) == test_y).float().mean())
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
