@@ -12,6 +12,7 @@ from torch import Tensor
 
 from distill.heads import sincos_pos_embed_2d
 from extract.vit_forward import check_supported_vit, embed_patch_pixels, encode_tokens
+from store_schema.arch_check import RESERVED_ARCH_KWARGS
 from store_schema.config import ConfigError, StudentConfig
 
 
@@ -22,7 +23,7 @@ def build_student(cfg: StudentConfig, image_size: int, patch_size: int) -> Visio
     a Parameter with requires_grad=False, so the state dict keeps timm's keys; build optimiser
     groups from parameters that require grad.
     """
-    reserved = {"pretrained", "num_classes", "img_size", "patch_size"} & set(cfg.arch_kwargs)
+    reserved = set(RESERVED_ARCH_KWARGS) & set(cfg.arch_kwargs)
     if reserved:
         raise ValueError(f"student.arch_kwargs must not set {sorted(reserved)}: they come from data.image_size, "
                          "data.patch_size and the pipeline (a headless, randomly initialised student)")

@@ -19,7 +19,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         f'data.urls=["{tmp_path}/data/train-000000.tar"]',
         f'store.root="{tmp_path}/store"', "store.chunk_samples=4", "store.shard_samples=8",
         f'train.run_dir="{tmp_path}/run"', "train.batch_size=8", "train.shuffle_window=16", "train.num_workers=0",
-        f'student.arch_kwargs={TINY_VIT}',
+        f'student.arch_kwargs={TINY_VIT}', "heads.decoder_heads=2",  # must divide the 32-d width
     ]
     for t in ("mae", "mocov3", "ibot"):
         out += [f"teachers.{t}.arch_kwargs={TINY_VIT}", f'teachers.{t}.format="state_dict"',
