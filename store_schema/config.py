@@ -500,6 +500,9 @@ def validate(cfg: PipelineConfig) -> None:
             lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in ranges[base])
             extra = f" with store.compression = {cfg.store.compression!r}" if base == "store.compression_level" else ""
             errors.append(f"{key} = {x!r} is outside its range [{lo}, {hi}]{extra}")
+    if not errors:  # the architecture checks build models: only from values that passed the checks above
+        from store_schema.arch_check import architecture_errors
+        errors += architecture_errors(cfg)
     if errors:
         raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
 
