@@ -15,8 +15,10 @@ from store_schema.config import ConfigError, load_config
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    optional = "" if config_required else ("; optional with --checkpoint or --export: the run's config.toml is used "
+                                           "(required with --teacher, --random-init)")
     p.add_argument("--config", required=config_required, default=None,
-                   help="pipeline TOML (the shipped pipeline.toml spells out every key)")
+                   help="pipeline TOML (the shipped pipeline.toml spells out every key)" + optional)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set gate.variant=mean")
 

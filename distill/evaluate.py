@@ -338,14 +338,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _export_run_config(export: Path) -> Path | None:
+    """The config.toml of the run an export came from (config.json records its checkpoint), if still there."""
+    try:
+        source = json.loads((export / "config.json").read_text(encoding="utf-8"))["comad"]["source_checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not a comad export, or none at all: load_export names the problem
+    saved = run_dir_of(Path(source)) / "config.toml"
+    return saved if saved.is_file() else None
+
+
 def main_eval(args: Any) -> dict:
     """CLI: `comad-distill eval --config X [--set ..] (--checkpoint DIR | --export DIR | --teacher NAME |
-    --random-init SEED) [--out FILE.json]`. Without --config, a checkpoint's run_dir/config.toml is used."""
+    --random-init SEED) [--out FILE.json]`. Without --config, the run's config.toml is used (of the checkpoint,
+    or of the checkpoint an export was written from)."""
     config = args.config
     if config is None and args.checkpoint is not None:
         config = run_dir_of(resolve_checkpoint_dir(args.checkpoint)) / "config.toml"
+    if config is None and args.export is not None:
+        config = _export_run_config(Path(args.export))
     if config is None:
-        raise ValueError("--config is required unless --checkpoint points into a run directory with config.toml")
+        raise ValueError("--config is required with --teacher / --random-init, and with an --export whose source run "
+                         "has no config.toml; pass --config pipeline.toml (its [eval] section sets the data)")
     cfg = load_config(config, list(args.set or []))
     model, mean, std, desc = load_eval_model(cfg, checkpoint=args.checkpoint, export=args.export,
                                              teacher=args.teacher, random_init_seed=args.random_init)

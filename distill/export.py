@@ -1,16 +1,24 @@
-"""Export the trained student alone as a plain timm ViT: model.safetensors + a timm-style config.json.
+"""Export the trained student alone as a timm model directory: model.safetensors, config.json, README.md.
 
 A trainer checkpoint (`run_dir/checkpoints/step_XXXXXXXX/`) holds the whole distiller state dict in
 model.safetensors; the student's weights are the keys under `student.`. The projector, decoder and
-adapters exist only for training and are dropped (DESIGN §5). The export loads with
+adapters exist only for training and are dropped (DESIGN §5). The directory is timm's Hugging Face Hub
+layout (what `timm.models.push_to_hf_hub` uploads), so it loads as it is, with the trained input size
+and normalisation in its `pretrained_cfg`:
 
-    timm.create_model(arch, pretrained=True, num_classes=0, img_size=S, patch_size=p, **arch_kwargs,
-                      pretrained_cfg_overlay=dict(file=".../model.safetensors", num_classes=0))
+    model = timm.create_model("local-dir:<export dir>", pretrained=True)
+    data_cfg = timm.data.resolve_data_config(model=model)    # input_size, mean/std, crop_pct as trained
+    transform = timm.data.create_transform(**data_cfg)        # the eval protocol's transform
 
-or, with timm >= 1.0.20, `timm.create_model("local-dir:<export dir>", pretrained=True)`, which reads
-config.json (`architecture`, `model_args`, `pretrained_cfg` as timm's own `save_for_hf` writes them).
-Why `num_classes=0` in the overlay too: the arch's default pretrained config says 1000 classes, and
-when it differs from the model's, timm silently switches to a non-strict load.
+and, uploaded unchanged (`huggingface_hub.upload_folder(repo_id=..., folder_path=<export dir>)`), as
+`timm.create_model("hf-hub:<user>/<repo>", pretrained=True)`. Not `pretrained_cfg_overlay=dict(file=...)`
+on the arch name: that keeps the arch's default pretrained_cfg (224 px, other mean/std).
+
+config.json is written here rather than by timm's `save_config_for_hf`: that one starts from the arch's
+default pretrained_cfg and keeps its `tag` and `license` (e.g. augreg_in21k_ft_in1k, apache-2.0), which
+describe other weights. The layout is the same (`architecture`, `num_classes`, `model_args`,
+`pretrained_cfg`), and num_classes = 0 appears in both places: when it differs from the model's, timm
+silently switches to a non-strict load. README.md is timm's own model card (`generate_readme`).
 
 The student's fixed sin-cos `pos_embed` is saved as the plain tensor it is; timm resamples it only when
 the grid differs, which it never does for the recorded img_size / patch_size.
@@ -154,11 +162,41 @@ def export_config(cfg: PipelineConfig, model: VisionTransformer, source: str) ->
             "std": list(cfg.student.std),
             "pos_embed": "fixed 2-D sin-cos (MAE layout, CLS slot zeros), stored as a tensor",
             "source_checkpoint": source,
-            "load": (f"timm.create_model({cfg.student.arch!r}, pretrained=True, num_classes=0, {kwargs_text}, "
-                     f"pretrained_cfg_overlay=dict(file='<this dir>/{WEIGHTS_FILE}', num_classes=0)) "
-                     f"or timm.create_model('local-dir:<this dir>', pretrained=True)"),
+            "load": "timm.create_model('local-dir:<this dir>', pretrained=True)",
+            "load_by_arch": (f"timm.create_model({cfg.student.arch!r}, pretrained=True, num_classes=0, {kwargs_text}, "
+                             f"pretrained_cfg_overlay=dict(file='<this dir>/{WEIGHTS_FILE}', num_classes=0)) "
+                             "(weights only: pretrained_cfg stays the arch's default)"),
         },
     }
+
+
+def load_lines(out_dir: str | Path) -> str:
+    """The Python lines that load an export and its data config with timm (printed, and in README.md)."""
+    return (f"import timm\n"
+            f"model = timm.create_model(\"local-dir:{out_dir}\", pretrained=True).eval()\n"
+            f"data_cfg = timm.data.resolve_data_config(model=model)  # trained input size, mean/std, crop_pct\n"
+            f"transform = timm.data.create_transform(**data_cfg)\n"
+            f"features = model.forward_features(transform(image).unsqueeze(0))  # (1, 1 + tokens, width)")
+
+
+def model_card(cfg: PipelineConfig, source: str) -> str:
+    """README.md for the Hub: timm's model card generator, with the usage lines and the training facts."""
+    from timm.models._hub import generate_readme
+
+    card = {
+        "tags": ["image-feature-extraction", "timm", "comad", "knowledge-distillation"],
+        "license": "other",  # the student inherits whatever the data and teachers allow; the user decides
+        "description": (f"A {cfg.student.arch} student distilled with CoMAD from the teachers "
+                        f"{', '.join(cfg.distill_teachers)} (headless: num_classes = 0)."),
+        "details": {"Model Type": "Image feature backbone", "Image size": f"{cfg.data.image_size} x "
+                    f"{cfg.data.image_size}", "Patch size": cfg.data.patch_size,
+                    "Normalisation": f"mean {list(cfg.student.mean)}, std {list(cfg.student.std)}",
+                    "Distillation steps": cfg.train.steps, "Source checkpoint": source},
+        "usage": "```python\n" + load_lines("<this dir>").replace('"local-dir:<this dir>"',
+                                                                  '"hf-hub:<user>/<repo>"') + "\n```\n"
+                 "From a local copy: `timm.create_model(\"local-dir:<this dir>\", pretrained=True)`.\n",
+    }
+    return generate_readme(card, f"{cfg.student.arch}.comad", task_name="image-feature-extraction")
 
 
 def export_student(cfg: PipelineConfig, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
@@ -177,11 +215,14 @@ def export_student(cfg: PipelineConfig, checkpoint_dir: str | Path, out_dir: str
     safetensors.torch.save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata=meta)
     config = export_config(cfg, model, str(checkpoint_dir))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "README.md").write_text(model_card(cfg, str(checkpoint_dir)), encoding="utf-8")
     return out_dir
 
 
 def load_export(out_dir: str | Path) -> tuple[VisionTransformer, dict[str, Any]]:
-    """Load an export the documented timm way; returns (model in eval mode, its config.json)."""
+    """Load an export by arch + weights file (strict); returns (model in eval mode, its config.json).
+
+    The data config comes from config.json here; a timm user gets the same from `local-dir:`."""
     import timm  # the documented user path, kept here so tests and evaluation use exactly it
 
     out_dir = Path(out_dir)
@@ -201,5 +242,6 @@ def main_export(args: Any) -> Path:
     """CLI: `comad-distill export --config X [--set ..] --checkpoint DIR --out DIR`."""
     cfg = load_config(args.config, list(args.set or []))
     out = export_student(cfg, args.checkpoint, args.out)
-    print(f"exported the student of {resolve_checkpoint_dir(args.checkpoint)} to {out}")
+    print(f"exported the student of {resolve_checkpoint_dir(args.checkpoint)} to {out} (timm Hub layout); load it "
+          f"with:\n{load_lines(Path(out).resolve())}")
     return out

@@ -141,3 +141,73 @@ def test_main_export(tmp_path, capsys):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), student.forward_features(x))
+
+
+def test_export_is_a_timm_hub_directory_with_the_trained_data_config(tmp_path, monkeypatch):
+    # trained at 32 px with non-default normalisation and crop: what timm must report, not its 224 / 0.5 defaults
+    cfg = tiny_config(tmp_path, ["student.mean=[0.31, 0.32, 0.33]", "student.std=[0.35, 0.36, 0.37]",
+                                 "eval.crop_fraction=0.9"])
+    student = trained_like_student(cfg)
+    out = export_student(cfg, fabricate_checkpoint(tmp_path / "run", student, 7), tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    expected = {"input_size": (3, 32, 32), "mean": (0.31, 0.32, 0.33), "std": (0.35, 0.36, 0.37),
+                "crop_pct": 0.9, "interpolation": "bicubic", "crop_mode": "center"}
+
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data_cfg = timm.data.resolve_data_config(model=local)
+    as_read = lambda d: {k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in expected}  # noqa: E731 (JSON lists)
+    assert as_read(data_cfg) == expected
+    assert timm.data.resolve_model_data_config(local)["input_size"] == (3, 32, 32)
+
+    # The Hub path reads the same files: serve the export as a Hub repo (no network) and load it by hf-hub:
+    import timm.models._hub as hub
+    served = []
+
+    def from_export(repo_id, filename, **kwargs):
+        served.append((repo_id, filename))
+        return str(out / filename)
+    monkeypatch.setattr(hub, "hf_hub_download", from_export)
+    remote = timm.create_model("hf-hub:someone/comad-student", pretrained=True).eval()
+    assert as_read(timm.data.resolve_data_config(model=remote)) == expected
+    assert ("someone/comad-student", "config.json") in served and ("someone/comad-student", "model.safetensors") in served
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = student.forward_features(x)
+        assert torch.equal(local.forward_features(x), reference) and torch.equal(remote.forward_features(x), reference)
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: timm" in card  # the Hub's model card front matter
+    assert 'timm.create_model("hf-hub:<user>/<repo>", pretrained=True)' in card
+    assert "timm.data.resolve_data_config(model=model)" in card and "32 x 32" in card
+
+
+def test_main_export_prints_the_load_lines(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "pipeline.toml").write_text(dumps_toml(cfg))
+    fabricate_checkpoint(tmp_path / "run", trained_like_student(cfg), 3)
+    out = main_export(Namespace(config=str(tmp_path / "pipeline.toml"), set=[], checkpoint=str(tmp_path / "run"),
+                                out=str(tmp_path / "exp")))
+    printed = capsys.readouterr().out
+    line = f'model = timm.create_model("local-dir:{out.resolve()}", pretrained=True).eval()'
+    assert line in printed
+    namespace: dict = {}
+    exec(line, {"timm": timm}, namespace)  # the printed line, run as printed
+    assert namespace["model"].pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_eval_of_an_export_reads_its_run_config(tmp_path, capsys):
+    from test_evaluate import eval_cfg, write_two_class_data
+    from distill.evaluate import main_eval
+
+    cfg = eval_cfg(tmp_path, ['eval.features=["cls"]'])
+    write_two_class_data(tmp_path)
+    fabricate_checkpoint(tmp_path / "run", trained_like_student(cfg), 2)
+    (tmp_path / "run" / "config.toml").write_text(dumps_toml(cfg))  # as the trainer leaves it
+    export_student(cfg, tmp_path / "run", tmp_path / "exp")
+    args = Namespace(config=None, set=[], checkpoint=None, export=str(tmp_path / "exp"), teacher=None,
+                     random_init=None, out=str(tmp_path / "e.json"))
+    result = main_eval(args)  # no --config: the export's source run supplies it
+    assert result["model"] == "export_exp" and 0 <= result["cls"]["linear"] <= 1
+    (tmp_path / "run" / "config.toml").unlink()
+    with pytest.raises(ValueError, match="--config is required with --teacher / --random-init, and with an --export"):
+        main_eval(args)
