@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from store_schema.config import ConfigError, load_config
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one variant: overrides joined by ';' (repeatable)")
     p.add_argument("--variants-file", default=None, help="TOML with [[variant]] tables: name (optional), set = [...]")
     p.add_argument("--resume", action="store_true", help="resume each variant from its latest checkpoint")
+    p.add_argument("--baselines", action="store_true", help="add rows for each teacher and a random-init student "
+                   "(evaluated once, cached in train.run_dir/baselines/)")
 
     p = sub.add_parser("eval", help="kNN / linear-probe evaluation of a checkpoint, an export or a teacher")
     _common(p, config_required=False)
@@ -62,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
         return 0
     if args.command == "sweep":
-        from distill.sweep import parse_variant, read_variants_file, run_sweep
+        from distill.sweep import format_summary, parse_variant, read_variants_file, run_sweep
         variants = [(None, parse_variant(v)) for v in args.variant]
         if args.variants_file:
             variants += read_variants_file(args.variants_file)
-        rows = run_sweep(args.config, variants, args.set, resume=args.resume)
+        rows = run_sweep(args.config, variants, args.set, resume=args.resume, baselines=args.baselines)
+        print(format_summary(rows, Path(load_config(args.config, args.set).train.run_dir)))
         failed = [r["variant"] for r in rows if r.get("status") != "ok"]
         print(f"sweep: {len(rows) - len(failed)} of {len(rows)} variants trained"
               + (f"; failed: {', '.join(failed)}" if failed else ""))
