@@ -1,4 +1,4 @@
-"""`comad-distill {train,sweep,eval,export}` (also `python -m distill ...`).
+"""`comad-distill {train,sweep,eval,export,report}` (also `python -m distill ...`).
 
 Every subcommand takes --config and repeatable --set section.key=value. Problems with the config, the
 store or a resume print their message and exit 2 (no traceback; COMAD_TRACEBACK=1 shows it); a run
@@ -55,14 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a run dir (its latest checkpoint)")
     p.add_argument("--out", required=True, help="output directory")
+
+    p = sub.add_parser("report", help="a PNG of a run or a sweep: losses, gate weight per teacher, accuracies")
+    p.add_argument("run_dir", help="a train.run_dir (metrics.jsonl, eval_*.json) or a sweep's (sweep.csv)")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/report.png)")
     return parser
 
 
+def _report(run_dir: Path) -> None:
+    """The report PNG at the end of train / sweep; a plotting problem must not turn a finished run into an error."""
+    from distill.report import report_run
+    try:
+        print(f"report: {report_run(run_dir)}")
+    except Exception as e:  # e.g. a broken matplotlib install: the weights and tables are written already
+        print(f"comad-distill: report not written ({type(e).__name__}: {e}); retry with: comad-distill report "
+              f"{run_dir}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.command == "report":  # reads a run's files only: no config, storage options or threads
+        from distill.report import main_report
+        main_report(args)
+        return 0
     if args.command == "train":
         from distill.train import train
         summary = train(load_config(args.config, args.set), resume=args.resume)
-        print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
+        if os.environ.get("RANK", "0") == "0":  # every process returns here: one line and one report
+            print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
+            _report(Path(summary["run_dir"]))
         return 0
     if args.command == "sweep":
         from distill.sweep import format_summary, parse_variant, read_variants_file, run_sweep
@@ -70,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         if args.variants_file:
             variants += read_variants_file(args.variants_file)
         rows = run_sweep(args.config, variants, args.set, resume=args.resume, baselines=args.baselines)
-        print(format_summary(rows, Path(load_config(args.config, args.set).train.run_dir)))
+        sweep_dir = Path(load_config(args.config, args.set).train.run_dir)
+        print(format_summary(rows, sweep_dir))
+        _report(sweep_dir)
         failed = [r["variant"] for r in rows if r.get("status") != "ok"]
         print(f"sweep: {len(rows) - len(failed)} of {len(rows)} variants trained"
               + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -26,13 +26,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from store_schema.config import ConfigError, PipelineConfig, load_config, read_toml
+from store_schema.config import ConfigError, PipelineConfig, dumps_toml, load_config, read_toml
 
 # Columns of the table, in order; eval numbers and gate weights are appended as they appear.
 LOSS_COLUMNS = ("loss", "loss_token", "loss_map", "loss_cls", "gate_entropy")
 GATE_PREFIX = "gate_weight/"
 PROTOCOL = "eval_protocol"  # a row's protocol: kept out of the table, written in its header
 BASELINES_DIR = "baselines"
+SWEEP_CONFIG = "sweep_config.toml"  # the base config every variant overrides (the report's title reads it)
 
 
 def parse_variant(text: str) -> list[str]:
@@ -101,6 +102,8 @@ def run_sweep(config: str | Path, variants: list[tuple[str | None, list[str]]], 
         raise ConfigError(f"variants {dupes} appear more than once: give them distinct names")
     # Every variant's config is loaded before anything trains, so a typo fails the sweep at once.
     cfgs = [load_config(config, list(base_overrides) + o + [f"train.run_dir={json.dumps(str(sweep_dir / n))}"]) for n, o in named]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_CONFIG).write_text(dumps_toml(base), encoding="utf-8")
     rows: list[dict[str, Any]] = baseline_rows(base) if baselines else []
     for (name, overrides), cfg in zip(named, cfgs):
         row: dict[str, Any] = {"variant": name, "overrides": "; ".join(overrides), "run_dir": cfg.train.run_dir}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill.demo.digits_data import digits_images, stratified_split, write_digits_shards
-from distill.demo.report import ModelResult, accuracy_columns, format_table, read_metrics, write_report_png
+from distill.report import ModelResult, accuracy_columns, format_table, read_metrics, write_report_png
 from distill.demo.run_demo import DEMO_TOML, DemoError, path_overrides, prepare_out_dir
 from distill.demo.teacher_fixtures import (
     OBJECTIVES,

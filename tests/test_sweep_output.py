@@ -55,6 +55,8 @@ def test_the_sweep_prints_its_comparison_and_keeps_the_protocol_in_the_header(tm
     assert 'eval.knn_k-_1_ was evaluated otherwise: knn = {"k": [1], "temperature": 0.07}' in out
     assert "DINO weighted kNN (k = 10, 20, T = 0.07)" in out and "8 train images" in out
     assert calls == ["mae", "mocov3", "ibot", "random-init"]
+    assert f"report: {tmp_path / 'run' / 'report.png'}" in out  # the sweep's PNG (tests/test_report.py checks one)
+    assert (tmp_path / "run" / "report.png").stat().st_size > 20_000
 
     md = (tmp_path / "run" / "sweep.md").read_text()
     head, table_md = md.split("\n| ", 1)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from distill.demo.digits_data import write_digits_shards
-from distill.demo.report import ModelResult, format_table, read_metrics, write_report_png
+from distill.report import ModelResult, format_table, read_metrics, write_report_png
 from distill.demo.teacher_fixtures import OBJECTIVES, FixtureRecipe, ensure_teachers
 from store_schema.config import ConfigError, dumps_toml, load_config
 
