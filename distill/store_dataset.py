@@ -36,6 +36,10 @@ _ORDER, _VIEW, _WINDOW = 0, 1, 2
 # Blocks of a window read concurrently: one zarr read is a chain of small requests (shard index, then
 # chunk, per array), latency-bound on object stores and ~6x faster threaded even on a local disk.
 _READ_THREADS = 16
+# How blocks are read (FeatureStore.read_block's engine): "zarr" through zarr-python's pipeline (the
+# reference, and the baseline of benchmarks/bench_reader.py), "direct" with store_schema.chunkread
+# (the same chunks, checksums and refusals, several times less CPU per block; the default).
+ENGINES = ("zarr", "direct")
 
 
 def check_store_matches(cfg: PipelineConfig, storage_options: dict | None = None) -> FeatureStore:
@@ -65,14 +69,20 @@ class StoreBatches(torch.utils.data.IterableDataset):
     "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float16 or float32 (B,Kt,D)}}, the teachers being
     distilled (train.teachers) in store order, CPU tensors, plus "teacher_cls" {t: (B,D)} when
     loss.cls_weight > 0. A float16 store's targets stay float16 (the model converts them on its device:
-    half the bytes through the loader and worker queue). View boxes and labels are not read, nor CLS
-    features without a CLS term: the trainer uses none of them.
+    half the bytes through the loader and worker queue). With `int8_targets=True` an int8 store's
+    targets stay int8 too, with "teacher_patch_scale" {t: float32 (B,Kt)} (and "teacher_cls_scale"
+    {t: (B,)}) beside them, decoded on the device by dequantize_targets (the trainer does this); by
+    default they arrive decoded, float32. View boxes and labels are not read, nor CLS features without
+    a CLS term: the trainer uses none of them. `engine` chooses how blocks are read (ENGINES).
     Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
     """
 
     def __init__(self, cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, engine: str = ENGINES[-1], int8_targets: bool = False):
         super().__init__()
+        if engine not in ENGINES:
+            raise ValueError(f"engine = {engine!r}: choose one of {', '.join(ENGINES)}")
+        self.engine, self.int8_targets = engine, int8_targets
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
         if start_step < 0:
@@ -160,19 +170,22 @@ class StoreBatches(torch.utils.data.IterableDataset):
         carry: dict[int, dict[str, Any]] = {}  # the block a window boundary cut: the next window starts in it
         for a in range(lo + skip // per_window * self.window, hi, self.window):
             c = min(a + self.window, hi)
-            samples = self._read_window(store, pool, order, views, starts, a, c, carry)
+            parts, part_of, row_of = self._read_window(store, pool, order, views, starts, a, c, carry)
             perm = np.random.default_rng([self.seed, _WINDOW, epoch, self.rank, a]).permutation(c - a)
             for s in range(drop * B, c - a, B):
-                yield _tree(lambda x: torch.from_numpy(x[perm[s:s + B]]), samples)
+                take = perm[s:s + B]
+                yield _gather(parts, part_of[take], row_of[take])
             drop = 0
 
     def _read_window(self, store: FeatureStore, pool: ThreadPoolExecutor, order: np.ndarray, views: np.ndarray,
-                     starts: np.ndarray, a: int, c: int, carry: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Epoch positions [a, c) as batch-shaped numpy arrays (c - a samples), in epoch order.
+                     starts: np.ndarray, a: int, c: int, carry: dict[int, dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+        """Epoch positions [a, c): (blocks as read, and for each position its block in that list and row in it).
 
-        `carry` holds at most the block at position k that the previous window ended inside; it is
-        replaced by this window's last block when that one goes on past c (a window smaller than a chunk
-        would otherwise read each chunk several times).
+        Nothing is copied here: a batch is gathered from the blocks once (_gather), straight into its
+        own tensors. `carry` holds at most the block at position k that the previous window ended
+        inside; it is replaced by this window's last block when that one goes on past c (a window
+        smaller than a chunk would otherwise read each chunk several times).
         """
         first = int(np.searchsorted(starts, a, side="right")) - 1
         last = int(np.searchsorted(starts, c - 1, side="right")) - 1
@@ -183,23 +196,19 @@ class StoreBatches(torch.utils.data.IterableDataset):
             block = int(order[k])
             unit, start, stop = self.blocks[block]
             # The whole block even when the window needs part of it: one chunk is the cheapest read.
-            return store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers,
-                                    meta=False, cls=self.read_cls, keep_float16=True)
-
-        def rows_of(k: int, data: dict[str, Any]) -> dict[str, Any]:
-            block = int(order[k])
-            take = slice(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
-            # A slice is a view; fancy indexing would copy every target array once more.
-            rows = self.kept_rows[block][take] if block in self.kept_rows else take
+            data = store.read_block(unit, start, stop, int(views[block]), teachers=self.teachers, meta=False,
+                                    cls=self.read_cls, keep_float16=True, keep_int8=self.int8_targets,
+                                    engine=self.engine)
             teachers = data["teachers"]
-            out = {
-                "pixels": data["pixels"][rows],
-                "student_idx": data["student_idx"][rows],
-                "teacher_idx": {t: v["idx"][rows] for t, v in teachers.items()},
-                "teacher_patch": {t: v["patch"][rows] for t, v in teachers.items()},
-            }
+            out = {"pixels": data["pixels"], "student_idx": data["student_idx"],
+                   "teacher_idx": {t: v["idx"] for t, v in teachers.items()},
+                   "teacher_patch": {t: v["patch"] for t, v in teachers.items()}}
             if self.read_cls:
-                out["teacher_cls"] = {t: v["cls"][rows] for t, v in teachers.items()}
+                out["teacher_cls"] = {t: v["cls"] for t, v in teachers.items()}
+            if self.int8_targets and store.meta["dtype"] == "int8":
+                out["teacher_patch_scale"] = {t: v["patch_scale"] for t, v in teachers.items()}
+                if self.read_cls:
+                    out["teacher_cls_scale"] = {t: v["cls_scale"] for t, v in teachers.items()}
             return out
 
         ks = range(first, last + 1)
@@ -207,8 +216,45 @@ class StoreBatches(torch.utils.data.IterableDataset):
         carry.clear()
         if starts[last + 1] > c:
             carry[last] = blocks[-1]
-        parts = [rows_of(k, data) for k, data in zip(ks, blocks)]
-        return parts[0] if len(parts) == 1 else _tree(lambda *xs: np.concatenate(xs), *parts)
+        part_of, row_of = [], []
+        for j, k in enumerate(ks):
+            block = int(order[k])
+            take = np.arange(max(a - starts[k], 0), min(c - starts[k], self.block_sizes[block]))
+            rows = self.kept_rows[block][take] if block in self.kept_rows else take
+            part_of.append(np.full(rows.size, j))
+            row_of.append(rows)
+        return blocks, np.concatenate(part_of), np.concatenate(row_of)
+
+
+_TORCH_DTYPES = {np.dtype(d).str.lstrip("<|="): getattr(torch, d) for d in
+                 ("uint8", "int8", "int32", "int64", "float16", "float32", "float64")}
+
+
+def _gather(parts: list[dict[str, Any]], part_of: np.ndarray, row_of: np.ndarray) -> dict[str, Any]:
+    """One batch: sample j = row row_of[j] of block part_of[j], leaf by leaf, copied once into a tensor.
+
+    In a loader worker the tensors are allocated in shared memory (as torch's own collate does), so
+    handing the batch to the trainer process copies nothing more.
+    """
+    shared = torch.utils.data.get_worker_info() is not None
+    pairs = list(zip(part_of.tolist(), row_of.tolist()))
+
+    def leaf(*xs: np.ndarray) -> torch.Tensor:
+        x0 = xs[0]
+        shape = (len(pairs), *x0.shape[1:])
+        dtype = _TORCH_DTYPES[x0.dtype.str.lstrip('<|=')]
+        if shared:
+            t = torch.empty(0, dtype=dtype)
+            storage = t._typed_storage()._new_shared(int(np.prod(shape)), device=t.device)
+            out = t.new(storage).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
+        o = out.numpy()
+        for j, (k, r) in enumerate(pairs):
+            o[j] = xs[k][r]
+        return out
+
+    return _tree(leaf, *parts)
 
 
 def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
@@ -216,6 +262,31 @@ def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
     if isinstance(trees[0], dict):
         return {k: _tree(fn, *(t[k] for t in trees)) for k in trees[0]}
     return fn(*trees)
+
+
+def dequantize_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """Decode an int8 store's targets where the batch is (the trainer calls it after moving it to the device).
+
+    StoreBatches(int8_targets=True) delivers an int8 store's features as stored — int8 values plus
+    "teacher_patch_scale" {t: (B, Kt)} and "teacher_cls_scale" {t: (B,)} float32 — a quarter of the
+    float32 bytes through the loader, workers and host-to-device copy. This applies the contract's
+    decoding (store_schema/README.md, "int8 decoding": x = sign(q) · (q/127)² · scale) in float32, op
+    for op as store_schema.codec.decode_features does in numpy, so the values are the same bits.
+    A batch without scales (float16/float32 stores, online targets) is returned as it is.
+    """
+    if "teacher_patch_scale" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if not k.endswith("_scale")}
+    for key in ("teacher_patch", "teacher_cls"):
+        scales = batch.get(f"{key}_scale")
+        if scales is not None:
+            out[key] = {t: _dequantize(q, scales[t]) for t, q in batch[key].items()}
+    return out
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = q.to(torch.float32) / 127.0
+    return torch.sign(x) * x * x * scale.to(torch.float32).unsqueeze(-1)
 
 
 def make_loader(dataset: StoreBatches, num_workers: int) -> torch.utils.data.DataLoader:
