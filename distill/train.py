@@ -29,6 +29,7 @@ from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint,
                                 save_checkpoint)
 from distill.collapse import CollapseGuard
 from distill.model import CoMADDistiller
+from distill.store_dataset import dequantize_targets
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point
 from store_schema.joint_stats import read_joint_stats
@@ -130,7 +131,8 @@ def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: in
                                f"which is not importable here ({e}); use train.targets = \"store\"") from e
         return iter(online_loader(cfg, rank, world_size, start_step))
     from distill.store_dataset import StoreBatches, make_loader
-    dataset = StoreBatches(cfg, rank, world_size, start_step)
+    # int8 stores: targets travel as int8 + scale and are decoded on the device (dequantize_targets below).
+    dataset = StoreBatches(cfg, rank, world_size, start_step, int8_targets=True)
     # Each rank lists the store's units itself; if extraction completed a unit in between, ranks would
     # disagree on the epoch length and DDP would hang at the first uneven step. Refuse instead.
     plans = _all_gather((dataset.steps_per_epoch, dataset.num_samples), world_size)
@@ -331,7 +333,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     model.train()
     try:
         while step < tr.steps:
-            batch = to_device(next(batches), accelerator.device)
+            batch = dequantize_targets(to_device(next(batches), accelerator.device))
             if live is not None:
                 with torch.no_grad(), accelerator.autocast():
                     batch = live(batch)
