@@ -322,9 +322,21 @@ def _device() -> torch.device:
 
 
 def evaluate_checkpoint(cfg: PipelineConfig, checkpoint_dir: str | Path) -> dict:
-    """evaluate_model on the student of a trainer checkpoint (or a run dir's latest complete one)."""
+    """evaluate_model on the student of a trainer checkpoint (or a run dir's latest complete one); the
+    accuracies also go to the run's TensorBoard."""
     model, mean, std, desc = load_eval_model(cfg, checkpoint=checkpoint_dir)
-    return {"model": desc, **evaluate_model(model.to(_device()), cfg, mean, std)}
+    result = {"model": desc, **evaluate_model(model.to(_device()), cfg, mean, std)}
+    _log_to_run(cfg, checkpoint_dir, result)
+    return result
+
+
+def _log_to_run(cfg: PipelineConfig, checkpoint: str | Path, result: dict) -> None:
+    """A checkpoint's accuracies into its run's TensorBoard, at the checkpoint's step (distill/tracking.py)."""
+    from distill.checkpoint import read_meta
+    from distill.tracking import log_eval
+
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    log_eval(cfg, run_dir_of(ckpt), int(read_meta(ckpt).get("step", 0)), result["model"], result)
 
 
 def format_table(result: dict) -> str:
@@ -364,6 +376,8 @@ def main_eval(args: Any) -> dict:
     model, mean, std, desc = load_eval_model(cfg, checkpoint=args.checkpoint, export=args.export,
                                              teacher=args.teacher, random_init_seed=args.random_init)
     result = {"model": desc, **evaluate_model(model.to(_device()), cfg, mean, std)}
+    if args.checkpoint is not None:
+        _log_to_run(cfg, args.checkpoint, result)
     if args.out is not None:
         out = Path(args.out)
     elif args.checkpoint is not None:

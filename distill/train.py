@@ -29,6 +29,7 @@ from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint,
                                 save_checkpoint)
 from distill.collapse import CollapseGuard
 from distill.model import CoMADDistiller
+from distill.tracking import finish_trackers, start_trackers
 from distill.store_dataset import dequantize_targets
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point
@@ -208,21 +209,16 @@ def data_identity(cfg: PipelineConfig, store) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- logging
 
 class MetricLog:
-    """Sums metrics over a log window; writes the cross-rank means to metrics.jsonl and TensorBoard."""
+    """Sums metrics over a log window; writes the cross-rank means to metrics.jsonl and to the accelerator's
+    trackers (train.trackers, TensorBoard by default; distill/tracking.py)."""
 
     def __init__(self, run_dir: Path, start_step: int, main: bool) -> None:
         self.path, self.main = run_dir / "metrics.jsonl", main
         self.sums: dict[str, Tensor] = {}
         self.applied = self.skipped = 0
         self.t0 = time.perf_counter()
-        self.tb = None
         if main:
             _truncate_jsonl(self.path, start_step)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-            except ImportError as e:
-                warnings.warn(f"TensorBoard logging is off ({e}); metrics still go to {self.path}")
 
     def add(self, metrics: dict[str, Tensor], applied: bool) -> None:
         if not applied:
@@ -246,17 +242,9 @@ class MetricLog:
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        self.tb.add_scalar(k, v, step)
-                self.tb.flush()
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
         self.sums, self.applied, self.skipped, self.t0 = {}, 0, 0, time.perf_counter()
         return row
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _truncate_jsonl(path: Path, start_step: int) -> None:
@@ -280,7 +268,8 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     AcceleratorState._reset_state(reset_partial_state=False)
     # Without cpu=True accelerate ignores a CPU-only multi-process launch and every process trains alone.
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched > 1 and not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+                              log_with=list(tr.trackers) or None, project_dir=tr.run_dir)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if world != launched:
         raise RuntimeError(f"launched as {launched} processes but accelerate set up {world}: they would train "
@@ -325,6 +314,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dumps_toml(cfg))
     log = MetricLog(run_dir, step, main)
+    start_trackers(accelerator, cfg, step)  # hparams and the resolved config, once per (resumed) run
     last_row: dict[str, Any] = {}
     consecutive_bad = total_bad = 0
     collapse = CollapseGuard(cfg)
@@ -365,7 +355,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
                 save_checkpoint(accelerator, model, optimizer, scheduler, step, cfg, tr.num_workers, data)
     finally:
         bar.close()
-        log.close()
+        finish_trackers(accelerator)
     final = latest_checkpoint(run_dir)
     if not last_row and (run_dir / "metrics.jsonl").exists():  # nothing left to train: report the run's end
         rows = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ def _built(arch: str, kwargs_json: str, image_size: int, patch_size: int) -> tup
     from extract.vit_forward import check_supported_vit  # what the token-dropping forward needs of a ViT
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # timm initialises e.g. an empty register-token table; on the meta device torch warns it is a no-op
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
             model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
                                       patch_size=patch_size, **json.loads(kwargs_json))
     except (RuntimeError, ValueError, TypeError, AssertionError, ZeroDivisionError, KeyError) as e:

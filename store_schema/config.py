@@ -133,6 +133,7 @@ class TrainConfig:
     targets: str
     max_nonfinite_steps: int  # consecutive skipped steps before the run stops
     teachers: list[str]  # distill from these teachers of the store only; empty: all (single-teacher ablations)
+    trackers: list[str]  # accelerate trackers (metrics, hparams, config, eval accuracies); empty: metrics.jsonl only
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gate.variant": ("joint", "mean", "affinity", "agreement"),
     "train.mixed_precision": ("auto", "bf16", "no"),
     "train.targets": ("store", "online"),
+    # accelerate's LoggerType names ("all" left out: it would start every tracker that happens to be installed)
+    "train.trackers": ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"),
     "eval.features": ("cls", "mean_patch"),
 }
 
