@@ -6,12 +6,11 @@ here, to the demo's image size with PIL bicubic, as grey replicated to RGB: ever
 extraction views, the evaluation, the teacher fixtures) then starts from the same pixels, whatever
 resize it would apply to a smaller source. Keys are `digit-<sklearn index>` so a split can be
 checked for disjointness. Tars are written with fixed member metadata, so the same call writes the
-same bytes.
+same bytes (webdataset's TarWriter with a fixed mtime).
 """
 from __future__ import annotations
 
 import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,17 +59,18 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
 
 
 def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:
-    """Write (key, png bytes, label) samples as a WebDataset tar, members `<key>.png` then `<key>.cls`.
+    """Write (key, png bytes, label) samples as a WebDataset tar with webdataset's own writer (members
+    `<key>.cls`, `<key>.png`: it writes a sample's members in sorted order).
 
-    Written to a temporary name and renamed, so a reader never sees half a tar.
+    Fixed member metadata (mtime 0, mode, owner), so the same call writes the same bytes. Written to a
+    temporary name and renamed, so a reader never sees half a tar.
     """
+    import webdataset as wds
+
     tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0, mode=0o644, user="comad", group="comad") as tar:
         for key, png, label in samples:
-            for ext, data in (("png", png), ("cls", str(int(label)).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
-                tar.addfile(info, io.BytesIO(data))
+            tar.write({"__key__": key, "png": png, "cls": str(int(label)).encode()})  # bytes: no encoder runs
     tmp.replace(path)
 
 
