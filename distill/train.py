@@ -49,7 +49,11 @@ def peak_lr(cfg: PipelineConfig, world_size: int) -> float:
 
 def learning_rate(cfg: PipelineConfig, world_size: int, step: int) -> float:
     """lr of 0-based step `step`: linear warm-up to the peak over warmup_steps (step warmup-1 is at
-    the peak), then a half cosine from the peak at step warmup_steps to min_lr at the last step."""
+    the peak), then a half cosine from the peak at step warmup_steps to min_lr at the last step.
+
+    Not timm's CosineLRScheduler: its warm-up starts at warmup_lr_init and reaches the peak one step
+    later (at warmup_t, where its cosine starts), so the same settings give another lr on every warm-up
+    step; runs and checkpoints made with this schedule would not resume identically under it."""
     peak, o, total = peak_lr(cfg, world_size), cfg.optim, cfg.train.steps
     if step < o.warmup_steps:
         return peak * (step + 1) / o.warmup_steps
@@ -58,7 +62,11 @@ def learning_rate(cfg: PipelineConfig, world_size: int, step: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: PipelineConfig, world_size: int) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on biases, norms, positions and tokens."""
+    """AdamW over trainable parameters; no weight decay on biases, norms, positions and tokens.
+
+    timm's param_groups_weight_decay picks the same parameters, but orders the groups (no-decay, decay)
+    and merges them into one when weight_decay = 0; optimizer state is matched to groups by position,
+    so checkpoints written with this layout (decay first, always two groups) would not resume under it."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
