@@ -232,7 +232,7 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     for _ in range(epochs):
         order = torch.randperm(x.shape[0], generator=gen).to(device)
         for start in range(0, x.shape[0], batch_size):
-            for group in opt.param_groups:
+            for group in opt.param_groups:  # closed form: torch's CosineAnnealingLR steps it recursively
                 group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             batch = order[start:start + batch_size]
             loss = F.cross_entropy(layer(x[batch]), y[batch])
