@@ -22,6 +22,12 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
                    help="pipeline TOML (the shipped pipeline.toml spells out every key)" + optional)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key (repeatable), e.g. --set gate.variant=mean")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for store.root and the data/eval urls, repeatable (e.g. "
+                        "endpoint_url=http://127.0.0.1:9000); sets store/data/eval.storage_options")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads per process (train.threads; 0 = the cores left after the loader "
+                        "workers, printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _threads(args: argparse.Namespace, cfg=None) -> None:
+    """Intra-op threads for this command (store_schema/threads.py), said once (rank 0)."""
+    from store_schema.threads import apply_threads
+    if cfg is None and args.config:
+        cfg = load_config(args.config, args.set)
+    requested = cfg.train.threads if cfg is not None else 0
+    workers = 0 if cfg is None else cfg.data.num_workers if args.command == "eval" else cfg.train.num_workers
+    quiet = os.environ.get("RANK", "0") != "0"
+    apply_threads(requested, workers, "train.threads",
+                  say=None if quiet else lambda m: print(f"comad-distill {args.command}: {m}", file=sys.stderr))
+
+
 def _report(run_dir: Path) -> None:
     """The report PNG at the end of train / sweep; a plotting problem must not turn a finished run into an error."""
     from distill.report import report_run
@@ -77,9 +95,14 @@ def run(args: argparse.Namespace) -> int:
         from distill.report import main_report
         main_report(args)
         return 0
+    from store_schema.storage import storage_overrides
+    extra = storage_overrides(args.storage_option)  # before --set: an explicit --set still wins
+    args.set = extra + ([] if args.threads is None else [f"train.threads={args.threads}"]) + list(args.set)
     if args.command == "train":
         from distill.train import train
-        summary = train(load_config(args.config, args.set), resume=args.resume)
+        cfg = load_config(args.config, args.set)
+        _threads(args, cfg)
+        summary = train(cfg, resume=args.resume)
         if os.environ.get("RANK", "0") == "0":  # every process returns here: one line and one report
             print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
             _report(Path(summary["run_dir"]))
@@ -89,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         variants = [(None, parse_variant(v)) for v in args.variant]
         if args.variants_file:
             variants += read_variants_file(args.variants_file)
+        _threads(args)
         rows = run_sweep(args.config, variants, args.set, resume=args.resume, baselines=args.baselines)
         sweep_dir = Path(load_config(args.config, args.set).train.run_dir)
         print(format_summary(rows, sweep_dir))
@@ -99,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.command == "eval":
         from distill.evaluate import main_eval
+        _threads(args)
         main_eval(args)
         return 0
     if args.command == "export":

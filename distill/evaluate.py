@@ -74,15 +74,16 @@ class _LabelledImages(IterableDataset):
     Worker w of W reads tars w, w + W, ...; the DataLoader interleaves workers in a fixed order.
     """
 
-    def __init__(self, urls: list[str], image_size: int, crop_fraction: float, max_image_pixels: int) -> None:
-        self.urls, self.max_image_pixels = urls, max_image_pixels
+    def __init__(self, urls: list[str], image_size: int, crop_fraction: float, max_image_pixels: int,
+                 storage_options: dict | None = None) -> None:
+        self.urls, self.max_image_pixels, self.storage_options = urls, max_image_pixels, storage_options
         self.transform = build_eval_transform(image_size, crop_fraction)
 
     def __iter__(self) -> Iterator[tuple[str, Tensor | None, int, str | None]]:
         info = get_worker_info()
         urls = self.urls if info is None else self.urls[info.id::info.num_workers]
         for url in urls:
-            for item in iter_tar(url, self.max_image_pixels):
+            for item in iter_tar(url, self.max_image_pixels, self.storage_options, "eval.storage_options"):
                 if isinstance(item, Skipped):
                     yield "skipped", None, -1, f"{url}#{item.index} ({item.key}): {item.reason}"
                 elif item.label is None or item.label < 0:
@@ -122,13 +123,14 @@ def extract_eval_features(model: nn.Module, urls: Sequence[str], cfg: PipelineCo
     if model_size != (size, size):
         raise ValueError(f"the model expects {model_size[0]}x{model_size[1]} images but data.image_size = {size}; "
                          f"evaluate with the image size the model was built for")
-    urls = expand_urls(list(urls))
+    urls = expand_urls(list(urls), cfg.eval.storage_options)
     if not urls:
         raise ValueError("no evaluation tars: set eval.train_urls and eval.test_urls")
     device = next(model.parameters()).device
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    loader = DataLoader(_LabelledImages(urls, size, cfg.eval.crop_fraction, cfg.data.max_image_pixels), batch_size=None,
+    loader = DataLoader(_LabelledImages(urls, size, cfg.eval.crop_fraction, cfg.data.max_image_pixels,
+                                        cfg.eval.storage_options), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(urls)),
                         generator=torch.Generator())  # its worker seed would otherwise come from the global RNG
     stats: dict[str, Any] = {"n": 0, "skipped_unlabelled": 0, "skipped_undecodable": 0, "examples": []}

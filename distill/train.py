@@ -141,7 +141,8 @@ def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: in
         return iter(online_loader(cfg, rank, world_size, start_step))
     from distill.store_dataset import StoreBatches, make_loader
     # int8 stores: targets travel as int8 + scale and are decoded on the device (dequantize_targets below).
-    dataset = StoreBatches(cfg, rank, world_size, start_step, int8_targets=True)
+    dataset = StoreBatches(cfg, rank, world_size, start_step, storage_options=cfg.store.storage_options or None,
+                           int8_targets=True)
     # Each rank lists the store's units itself; if extraction completed a unit in between, ranks would
     # disagree on the epoch length and DDP would hang at the first uneven step. Refuse instead.
     plans = _all_gather((dataset.steps_per_epoch, dataset.num_samples), world_size)
@@ -178,8 +179,10 @@ def open_store(cfg: PipelineConfig):
     if cfg.train.targets == "online" and not needs_statistics(cfg):
         return None
     from distill.store_dataset import check_store_matches
+    from store_schema.storage import check_reachable
     try:
-        return check_store_matches(cfg)
+        check_reachable(cfg.store.root, cfg.store.storage_options, "store.storage_options")  # one line, not "no store"
+        return check_store_matches(cfg, cfg.store.storage_options or None)
     except Exception as e:
         if cfg.train.targets != "online":
             raise

@@ -1,4 +1,9 @@
-"""`comad-extract --config pipeline.toml [--set section.key=value ...] [--redo-changed]`: stage 1, the store.
+"""`comad-extract --config pipeline.toml [--set section.key=value ...] [--redo-changed] [--dry-run]`: stage 1.
+
+`--storage-option KEY=VALUE` sets an fsspec option of the store, the inputs and the eval data at once
+(e.g. endpoint_url=http://127.0.0.1:9000 for MinIO); `--threads N` the intra-op CPU threads (data.threads;
+default: the cores left after data.num_workers, printed); `--dry-run` loads the teachers, counts inputs and
+estimates the store's size and the run's time without writing anything (extract/dry_run.py).
 
 Exit status: 0 done; 1 the run did not complete (unreadable tars, too many skipped inputs, a failed
 process, the store writer failing, e.g. on a full disk: the message says which; complete units are kept,
@@ -15,7 +20,12 @@ import sys
 from extract.pipeline import ExtractionError, run_extraction
 from store_schema.config import ConfigError, load_config
 from store_schema.fingerprint import StoreMismatchError
+from extract.shards import ShardReadError
+from store_schema.storage import storage_overrides
 from store_schema.store import StoreError
+from store_schema.threads import apply_threads
+
+log = logging.getLogger("comad.extract")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo-changed", action="store_true",
                    help="re-extract inputs whose size or mtime/ETag changed since their unit was written "
                         "(without it such a run is refused, naming them)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for store.root, data.urls and eval urls, repeatable (e.g. "
+                        "endpoint_url=http://127.0.0.1:9000, client_kwargs.region_name=us-east-1, anon=true)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op CPU threads per process (data.threads; 0 = the cores left after the workers)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load every teacher, count the inputs, estimate store size and time from a few timed "
+                        "batches; write nothing")
     return p
 
 
@@ -36,10 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        cfg = load_config(args.config, args.overrides)
+        extra = storage_overrides(args.storage_option)
+        extra += [] if args.threads is None else [f"data.threads={args.threads}"]
+        cfg = load_config(args.config, extra + args.overrides)
+        apply_threads(cfg.data.threads, cfg.data.num_workers, "data.threads", say=log.info)
+        if args.dry_run:
+            from extract.dry_run import dry_run, format_dry_run
+            print(format_dry_run(cfg, dry_run(cfg)))
+            return 0
         run_extraction(cfg, redo_changed=args.redo_changed)
     # Every process ends with the same error (rank 0's message names what failed where): print it once.
-    except (ConfigError, StoreError, StoreMismatchError) as e:
+    except (ConfigError, StoreError, StoreMismatchError, ShardReadError) as e:
         _say(rank, f"comad-extract: error: {e}")
         return 2
     except ExtractionError as e:

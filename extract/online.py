@@ -40,7 +40,7 @@ class OnlineBatches(IterableDataset):
     """
 
     def __init__(self, cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0):
-        urls = expand_urls(cfg.data.urls)
+        urls = expand_urls(cfg.data.urls, cfg.data.storage_options)
         self.cfg, self.rank, self.start_step = cfg, rank, start_step
         self.urls = urls[rank::world_size]
         if not self.urls:
@@ -83,7 +83,7 @@ class OnlineBatches(IterableDataset):
             order = torch.randperm(len(urls), generator=generator_for(self.cfg.seed, stream, epoch, "tars")).tolist()
             n = 0
             for i in order:
-                for s in iter_tar(urls[i], self.cfg.data.max_image_pixels):
+                for s in iter_tar(urls[i], self.cfg.data.max_image_pixels, self.cfg.data.storage_options):
                     if isinstance(s, Sample):
                         n += 1
                         yield epoch, s.key, s.image

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from extract.prepare import Chunk, PreparedTars, teacher_forward
 from extract.progress import Progress
 from extract.resume import changed_sources, exclude_duplicate_keys, settle_config
-from extract.shards import ShardReadError, expand_urls
+from extract.inputs import check_locations
 from extract.teachers import load_teacher
 from extract.writer_thread import BackgroundWriter, ExtractionError
 from store_schema.config import ConfigError, PipelineConfig
@@ -162,6 +162,8 @@ def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None,
     unless `redo_changed`, which re-extracts it.
     """
     rank, world, own_group = _init_distributed()
+    if storage_options is None:
+        storage_options = cfg.store.storage_options or None
     try:
         return _run(cfg, storage_options, rank, world, redo_changed)
     except STORE_OS_ERRORS as e:  # a full disk, no permission, a torn zarr.json: one line, not a traceback
@@ -174,10 +176,7 @@ def run_extraction(cfg: PipelineConfig, storage_options: dict | None = None,
 def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: int,
          redo_changed: bool) -> dict[str, Any]:
     started = time.time()
-    try:
-        urls = expand_urls(cfg.data.urls)
-    except (ValueError, ShardReadError) as e:
-        raise ConfigError(f"data.urls: {e}") from e
+    urls = check_locations(cfg, storage_options)
     mine = urls[rank::world]
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -235,7 +234,7 @@ def _unit_counts(store: FeatureStore, url: str) -> tuple[int, int]:
 def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, torch.nn.Module],
                    mine: list[str], rank: int, redo_changed: bool = False) -> dict[str, Any]:
     """This process's tars -> units. Returns its counts; raises ExtractionError past max_failure_fraction."""
-    changed = set(changed_sources(store, mine, redo_changed))  # refused (StoreError) unless redo_changed
+    changed = set(changed_sources(store, mine, redo_changed, cfg.data.storage_options))  # refused unless redo_changed
     pending = [u for u in mine if u in changed or not store.is_complete(u)]
     stored = skipped = 0
     for url in mine:

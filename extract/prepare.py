@@ -97,9 +97,10 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
     skips: list[tuple[int, str | None, str]] = []
     notes: list[tuple[int, str, str]] = []
     seen = 0
-    source = source_identity(url)  # before reading: a file replaced while being read differs next time
+    options = cfg.data.storage_options
+    source = source_identity(url, options)  # before reading: a file replaced while being read differs next time
     try:
-        for item in iter_tar(url, cfg.data.max_image_pixels):
+        for item in iter_tar(url, cfg.data.max_image_pixels, options):
             seen += 1
             if isinstance(item, Skipped):
                 skips.append((item.index, item.key, item.reason))

@@ -23,9 +23,9 @@ import dataclasses
 import logging
 from typing import Any
 
-import fsspec
 
 from store_schema.config import PipelineConfig
+from store_schema.storage import is_pipe, url_to_fs
 from store_schema.store import FeatureStore, StoreError, unit_name
 
 log = logging.getLogger("comad.extract")
@@ -107,10 +107,13 @@ def exclude_duplicate_keys(store: FeatureStore, urls: list[str], new_units: list
     return n
 
 
-def source_identity(url: str) -> dict[str, Any] | None:
-    """{size, mtime and/or etag} of an input as the file system reports it; None when it cannot be read."""
+def source_identity(url: str, storage_options: dict | None = None) -> dict[str, Any] | None:
+    """{size, mtime and/or etag} of an input as the file system reports it; None when it cannot be read
+    (a `pipe:` command has no identity: it is not compared)."""
+    if is_pipe(url):
+        return None
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url, storage_options)
         info = fs.info(path)
     except Exception:  # noqa: BLE001 — a missing input is reported when it is read, not here
         return None
@@ -124,14 +127,14 @@ def source_identity(url: str) -> dict[str, Any] | None:
     return out
 
 
-def changed_sources(store: FeatureStore, urls: list[str], redo: bool) -> list[str]:
+def changed_sources(store: FeatureStore, urls: list[str], redo: bool, storage_options: dict | None = None) -> list[str]:
     """Inputs of complete units that changed since they were read: returned when `redo`, else refused."""
     changed = []
     for url in urls:
         if not store.is_complete(url):
             continue
         old = store.unit_record(unit_name(url)).get("source_id")
-        new = source_identity(url) if old else None
+        new = source_identity(url, storage_options) if old else None
         if old and new and any(old.get(k) != new.get(k) for k in ("size", "etag", "mtime") if k in old):
             diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in ("size", "etag", "mtime")
                              if k in old and old.get(k) != new.get(k))

@@ -4,8 +4,8 @@ Why our own tar loop rather than `webdataset.tariterators`: WebDataset's iterato
 a handler that either stops or drops the member, so the ordinal of a sample in its tar (which the store
 records as its source) is lost on the first bad member; and Python's `tarfile.next()` treats a truncated
 or invalid header after the first member as a normal end of archive, so a cut tar would look complete.
-We stream with `tarfile` (mode "r|*": any fsspec file object, no seeking, gz/bz2/xz detected) and
-group members exactly as WebDataset's `group_by_keys` does:
+We stream with `tarfile` (mode "r|*": any fsspec file object or a webdataset `pipe:` command's output, no
+seeking, gz/bz2/xz detected) and group members exactly as WebDataset's `group_by_keys` does:
 
 - key = member path up to the first dot of its basename (directories kept), extension = the rest,
   lower-cased: "a/b/0001.seg.png" -> ("a/b/0001", "seg.png") — `webdataset.tariterators.base_plus_ext`;
@@ -45,6 +45,8 @@ import braceexpand
 import fsspec
 import numpy as np
 from PIL import Image
+
+from store_schema.storage import PipeReader, open_input, options_for, remote_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 LABEL_EXTENSION = "cls"
@@ -93,20 +95,21 @@ class Skipped:
 # URL lists
 
 
-def expand_urls(urls: Sequence[str]) -> list[str]:
+def expand_urls(urls: Sequence[str], storage_options: dict | None = None) -> list[str]:
     """Expand brace patterns and "@list.txt" entries into a flat list of tar URLs, order preserved.
 
     Each entry is a brace pattern ("train-{000000..000009}.tar"), a plain path or fsspec URL, or
     "@list.txt" (read via fsspec; one URL or brace pattern per line; blank lines and lines starting
     with '#' are skipped; paths inside are used as written, like command-line arguments).
-    A URL listed twice is an error naming it (it would be extracted twice).
+    A URL listed twice is an error naming it (it would be extracted twice). `storage_options`: fsspec
+    options for reading "@list" files (data.storage_options); a `pipe:` URL is kept as written.
     """
     if isinstance(urls, str):
         urls = [urls]
     out: list[str] = []
     origin: dict[str, str] = {}
     for entry in urls:
-        for url in _expand_entry(entry):
+        for url in _expand_entry(entry, storage_options):
             if url in origin:
                 raise ValueError(f"input URL {url!r} is listed twice (from {origin[url]!r} and {entry!r})")
             origin[url] = entry
@@ -114,7 +117,7 @@ def expand_urls(urls: Sequence[str]) -> list[str]:
     return out
 
 
-def _expand_entry(entry: str) -> list[str]:
+def _expand_entry(entry: str, storage_options: dict | None = None) -> list[str]:
     if not isinstance(entry, str) or not entry.strip():
         raise ValueError(f"input URL entry {entry!r} is empty or not a string")
     entry = entry.strip()
@@ -122,7 +125,7 @@ def _expand_entry(entry: str) -> list[str]:
         return _braces(entry, entry)
     list_url = entry[1:]
     try:
-        with fsspec.open(list_url, "rt", encoding="utf-8") as f:
+        with fsspec.open(list_url, "rt", encoding="utf-8", **options_for(list_url, storage_options)) as f:
             lines = f.read().splitlines()
     except Exception as e:  # missing file, unknown protocol, decode error: all "cannot read"
         raise ShardReadError(f"cannot read URL list {list_url!r}: {type(e).__name__}: {e}", list_url) from e
@@ -165,19 +168,28 @@ class _Group:
     problem: str | None = None
 
 
-def iter_tar(url: str, max_image_pixels: int) -> Iterator[Sample | Skipped]:
-    """Yield every sample group of the tar at `url` (a path or fsspec URL) in order, as Sample or Skipped.
+def iter_tar(url: str, max_image_pixels: int, storage_options: dict | None = None,
+             options_key: str = "data.storage_options") -> Iterator[Sample | Skipped]:
+    """Yield every sample group of the tar at `url` (a path, an fsspec URL opened with `storage_options`,
+    or a webdataset `pipe:CMD`) in order, as Sample or Skipped.
 
-    Raises ShardReadError when the file cannot be opened or an I/O error interrupts reading; damage
-    inside the tar is not an exception but a Skipped record (see the module docstring). An empty tar
-    (or a zero-byte file) yields nothing.
+    Raises ShardReadError when the file cannot be opened or an I/O error interrupts reading (a `pipe:`
+    command exiting non-zero is one); damage inside the tar is not an exception but a Skipped record (see
+    the module docstring). An empty tar (or a zero-byte file) yields nothing. `options_key` names the
+    setting to fix in the message for an unreachable endpoint, a missing bucket or missing credentials.
     """
     try:
-        fobj = fsspec.open(url, "rb").open()
+        fobj = open_input(url, storage_options)
     except Exception as e:  # FileNotFoundError, PermissionError, unknown protocol, missing s3fs, ...
-        raise ShardReadError(f"cannot open input tar {url!r}: {type(e).__name__}: {e}", url) from e
+        why = remote_problem(url, e, options_key, storage_options) or f"{type(e).__name__}: {e}"
+        raise ShardReadError(f"cannot open input tar {url!r}: {why}", url) from e
     with fobj:
         yield from _iter_stream(url, fobj, max_image_pixels)
+        if isinstance(fobj, PipeReader):  # the tar's end marker was read: the command must also succeed
+            try:
+                fobj.finish()
+            except OSError as e:
+                raise ShardReadError(f"I/O error reading input tar {url!r}: {e}", url) from e
 
 
 def _tracking_tarinfo(damage: list[Exception]) -> type[tarfile.TarInfo]:

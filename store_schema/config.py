@@ -30,6 +30,8 @@ class DataConfig:
     num_workers: int  # decoding processes per extraction process
     max_failure_fraction: float  # stop the run when more inputs than this are skipped
     max_image_pixels: int  # larger decoded images are refused (decompression-bomb guard)
+    threads: int  # extraction's intra-op CPU threads per process; 0 = the cores left after num_workers
+    storage_options: dict[str, Any]  # fsspec options for urls (and @lists): endpoint_url, anon, ...
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class StoreConfig:
     chunk_samples: int  # samples per inner chunk (one view): the unit of a training read
     shard_samples: int  # samples per shard file: the unit of a write, one writer each
     joint_stats_samples: int  # samples (view 0) read back for the cross-teacher statistics; 0 = all
+    storage_options: dict[str, Any]  # fsspec options for root (an s3:// endpoint_url, ...)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class TrainConfig:
     targets: str
     max_nonfinite_steps: int  # consecutive skipped steps before the run stops
     teachers: list[str]  # distill from these teachers of the store only; empty: all (single-teacher ablations)
+    threads: int  # intra-op CPU threads per process (train and eval); 0 = the cores left after num_workers
     trackers: list[str]  # accelerate trackers (metrics, hparams, config, eval accuracies); empty: metrics.jsonl only
 
 
@@ -149,6 +153,7 @@ class EvalConfig:
     probe_batch_size: int
     features: list[str]
     crop_fraction: float  # DINO: resize the shorter side to image_size / crop_fraction, centre-crop
+    storage_options: dict[str, Any]  # fsspec options for train_urls / test_urls
 
 
 @dataclass(frozen=True)
@@ -451,7 +456,8 @@ def validate(cfg: PipelineConfig) -> None:
     ranges: dict[str, tuple[float, float]] = {
         "seed": (0, 2**63 - 1),
         "data.image_size": (1, 8192), "data.patch_size": (1, 8192), "data.batch_size": (1, 2**20),
-        "data.num_workers": (0, 1024), "data.max_failure_fraction": (0, 1), "data.max_image_pixels": (1, big),
+        "data.num_workers": (0, 1024), "data.threads": (0, 1024), "data.max_failure_fraction": (0, 1),
+        "data.max_image_pixels": (1, big),
         "views.num_views": (1, 256), "views.crop_scale": (1e-6, 1), "views.crop_ratio": (1e-3, 1e3),
         "views.hflip_prob": (0, 1), "masks.student_visible": (1e-9, 1),
         "store.compression_level": (0, {"zstd": 22, "blosc": 9}.get(cfg.store.compression, 22)),
@@ -467,6 +473,7 @@ def validate(cfg: PipelineConfig) -> None:
         "optim.weight_decay": (0, 1e3), "optim.warmup_steps": (0, big), "optim.min_lr": (0, 1e3),
         "optim.grad_clip": (0, 1e9),
         "train.batch_size": (1, 2**20), "train.steps": (1, big), "train.num_workers": (0, 1024),
+        "train.threads": (0, 1024),
         "train.shuffle_window": (1, 2**30), "train.checkpoint_every": (1, big), "train.keep_checkpoints": (1, 10**6),
         "train.log_every": (1, big), "train.max_nonfinite_steps": (1, big),
         "eval.batch_size": (1, 2**20), "eval.knn_k": (1, 10**6), "eval.knn_temperature": (1e-6, 1e6),
@@ -515,8 +522,13 @@ def validate(cfg: PipelineConfig) -> None:
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as plain data, as it is saved (store attributes, run_dir/config.toml): secret-looking
+    storage options (secret, token, password, key, ...) are replaced by "<redacted>"."""
+    from .storage import redact  # here: storage imports fsspec, which config users need not load
     out = dataclasses.asdict(cfg)
     out.pop("source", None)
+    for sec in ("data", "store", "eval"):
+        out[sec]["storage_options"] = redact(out[sec]["storage_options"])
     for t in out["teachers"].values():
         t.pop("name")
     return out

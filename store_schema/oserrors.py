@@ -20,6 +20,10 @@ def explain(root: str, e: BaseException, doing: str = "", key: str = "store.root
     rerun = RERUN if key == "store.root" else "rerun (training: with --resume, from the last complete checkpoint)"
     path = getattr(e, "filename", None) or root
     code = getattr(e, "errno", None)
+    from .storage import remote_problem  # here: storage imports fsspec; this module is imported everywhere
+    remote = remote_problem(root, e, "store.storage_options" if key == "store.root" else f"{key} storage options")
+    if remote is not None:  # an unreachable endpoint, a missing bucket, missing or refused credentials
+        return remote + (f" (while {doing})" if doing else "")
     if isinstance(e, json.JSONDecodeError):
         return (f"{root}: a metadata file (zarr.json) is torn or not JSON{at} ({e}); run `comad-store validate "
                 f"{root}` to see which; a torn unit is redone by comad-extract")
