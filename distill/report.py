@@ -225,6 +225,10 @@ def report_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 def main_report(args: Any) -> Path:
     """CLI: `comad-distill report RUN_DIR [--out FILE.png]`."""
+    try:
+        import matplotlib  # noqa: F401 -- an optional dependency (the `extras`)
+    except ImportError:
+        raise ValueError("the report needs matplotlib: pip install matplotlib (or the package's [extras])") from None
     path = report_run(args.run_dir, args.out)
     print(f"wrote {path}")
     return path
