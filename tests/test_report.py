@@ -115,3 +115,16 @@ def test_train_ends_with_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("trained ") == 1 and f"report: {tmp_path / 'run' / 'report.png'}" in out
     _check_png(tmp_path / "run" / "report.png")
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_only_the_first_process_prints_and_reports(tmp_path, capsys, monkeypatch, rank, printed):
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "config.toml").write_text(dumps_toml(cfg))
+    _fake_run(tmp_path / "run", cfg)
+    summary = {"run_dir": str(tmp_path / "run"), "step": 40, "checkpoint": "c", "last_metrics": {}}
+    monkeypatch.setattr("distill.train.train", lambda cfg, resume=False: summary)  # every rank returns this
+    monkeypatch.setenv("RANK", rank)
+    assert cli_main(["train", "--config", str(tmp_path / "config.toml")]) == 0
+    out = capsys.readouterr().out
+    assert ("trained " in out) == printed and (tmp_path / "run" / "report.png").exists() == printed
