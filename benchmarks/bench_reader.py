@@ -6,14 +6,18 @@ dtype x compression. Each variant iterates `StoreBatches` (the trainer's dataset
 `make_loader` with 0 / 1 / 2 workers) and counts the CPU seconds of this process and its loader
 workers (user + system, every thread) over the timed batches. Variants alternate over the repeats so
 machine noise hits them alike; the medians are reported. The baseline (`engine = "zarr"`, the zarr
-read path that was the only one before issue 14) runs in the same process, side by side.
+read path that was the only one before issue 14, int8 decoded to float32 in the reader) runs in the same
+process, side by side with `engine = "direct"` (store_schema/chunkread.py; int8 kept as int8 + scale).
 
     python -m benchmarks.bench_reader [--quick] [--samples 128] [--batches 24] [--repeats 3]
         [--dtypes float16 int8] [--compressions none zstd blosc] [--workers 0 1 2] [--engines zarr fast]
 
 Reported per variant: samples per CPU-second (the figure that decides how many cores feed a GPU),
 samples per wall-second (noisy on a shared machine), stored MB read per CPU-second, and the stored bytes
-per view. The JSON key `samples_per_cpu_s` holds {engine/dtype/compression/workers: median}.
+per view. The JSON key `samples_per_cpu_s` holds {engine/dtype/compression/workers: median}. dtype
+"compact" is the compact store (distill/compact.py: float16 features already mapped by the default
+frozen CCA basis to the target width); `compact_over_float16_ratio` is its bytes per view over the
+float16 store's (zstd).
 """
 from __future__ import annotations
 
@@ -75,10 +79,25 @@ def build_store(root: Path, dtype: str, compression: str, samples: int, unit_sam
         w = UnitWriter(store, url)
         w.append(rows)
         w.commit()
-    units = root / "store" / "units"
-    total = sum(f.stat().st_size for f in units.rglob("*") if f.is_file() and "stats_" not in str(f)
-                and f.name != "zarr.json")
-    return {"cfg": cfg, "bytes_per_view": total / (samples * V)}
+    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * V)}
+
+
+def build_compact(src_cfg, root: Path, samples: int) -> dict:
+    """The compact store (distill/compact.py) of a float16 store: its features mapped by the default
+    frozen basis (the CCA of the cross-teacher statistics, fitted here from the store itself)."""
+    from distill.compact import write_compact_store
+    from store_schema.joint_stats import fit_joint_stats
+    shutil.rmtree(root, ignore_errors=True)
+    fit_joint_stats(FeatureStore.open(src_cfg.store.root, mode="r+"), src_cfg.store.joint_stats_samples)
+    write_compact_store(src_cfg, f"{root}/store", dtype="float16")
+    cfg = dataclasses.replace(src_cfg, store=dataclasses.replace(src_cfg.store, root=f"{root}/store"))
+    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * cfg.views.num_views)}
+
+
+def _stored_bytes(store_root: Path) -> int:
+    """Bytes of the per-unit arrays (statistics and metadata documents excluded)."""
+    return sum(f.stat().st_size for f in (store_root / "units").rglob("*") if f.is_file()
+               and "stats_" not in str(f) and f.name != "zarr.json")
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -95,7 +114,9 @@ def _cpu(proc: psutil.Process) -> float:
 
 def measure(cfg, engine: str, workers: int, batches: int, warmup: int) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers))
-    ds = StoreBatches(cfg, 0, 1, 0, engine=engine)
+    # The baseline is the code before issue 14 (zarr, int8 decoded in the reader with numpy); the others
+    # are the trainer's path now (int8 targets as int8 + scale, decoded on the device).
+    ds = StoreBatches(cfg, 0, 1, 0, engine=engine, int8_targets=engine != "zarr")
     it = iter(make_loader(ds, workers))
     for _ in range(warmup):  # worker start-up, first reads, page cache
         next(it)
@@ -120,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compressions", nargs="+", default=["none", "zstd", "blosc"])
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), help="the first is the baseline")
+    ap.add_argument("--no-compact", dest="compact", action="store_false",
+                    help="skip the compact store (features mapped to the target width; distill/compact.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
@@ -135,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
             # The trainer's read: CLS features too (loss.cls_weight > 0 by default), no views or labels.
             stores[(dtype, comp)] = build_store(root, dtype, comp, args.samples, args.unit_samples, args.dim, [
                 f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch * 4}"])
+    if args.compact:
+        for comp in args.compressions:
+            if ("float16", comp) in stores:
+                stores[("compact", comp)] = build_compact(stores[("float16", comp)]["cfg"], out / f"compact-{comp}",
+                                                          args.samples)
     variants = [(e, d, c, w) for (d, c) in stores for w in args.workers for e in args.engines]
     runs: dict[tuple, list[dict]] = {v: [] for v in variants}
     for _ in range(args.repeats):
@@ -167,6 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.1f} | {r[8]:.2f}")
     f16 = [res["samples_per_cpu_s"][k] for k in res["samples_per_cpu_s"] if k.startswith(f"{args.engines[-1]}/float16")]
     res["best_float16_samples_per_cpu_s"] = max(f16) if f16 else None
+    ratios = {c: res["bytes_per_view"][f"compact/{c}"] / res["bytes_per_view"][f"float16/{c}"]
+              for c in args.compressions if f"compact/{c}" in res["bytes_per_view"]}
+    if ratios:  # the compact store's bytes per view over today's float16 store's, same compression
+        res["compact_over_float16_ratio"] = ratios.get("zstd", next(iter(ratios.values())))
+        res["compact_over_float16_ratio_by_compression"] = ratios
+        # ImageNet-1k totals: 1,281,167 images x 2 stored views
+        res["imagenet1k_tb"] = {k: v * 1_281_167 * 2 / 1e12 for k, v in res["bytes_per_view"].items()}
+        print("compact / float16 bytes per view: " + ", ".join(f"{c} {r:.3f}" for c, r in ratios.items()))
     res.update(samples=args.samples, dim=args.dim, batch=args.batch, batches=args.batches, repeats=args.repeats,
                engines=args.engines, cpus=os.cpu_count(), load_average=os.getloadavg())
     print_json("reader", res)

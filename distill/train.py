@@ -28,6 +28,7 @@ from tqdm import tqdm
 from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint, load_checkpoint, read_meta,
                                 save_checkpoint)
 from distill.collapse import CollapseGuard
+from distill.compact import check_compact_training, install_identity_adapters
 from distill.model import CoMADDistiller
 from distill.tracking import finish_trackers, start_trackers
 from distill.store_dataset import dequantize_targets
@@ -300,7 +301,8 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     dims = None if store is None else {t: store.teacher_meta(t).dim for t in store.teachers}
-    stats, joint = target_statistics(cfg, store)
+    compact = None if store is None else check_compact_training(cfg, store)  # features already mapped
+    stats, joint = (None, None) if compact else target_statistics(cfg, store)
     live = None
     if cfg.train.targets == "online":
         from extract.online import LiveTeachers
@@ -310,7 +312,9 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
                                "whose statistics would initialise the adapters")
         dims = live.dims
     model = CoMADDistiller(cfg, dims)
-    if stats is not None:
+    if compact:
+        install_identity_adapters(model)
+    elif stats is not None:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     optimizer = build_optimizer(model, cfg, world)
     scheduler = build_scheduler(optimizer, cfg, world)
