@@ -168,3 +168,26 @@ def install_identity_adapters(model) -> None:
         for norm in model.target_norm.values():
             norm.mean.zero_()
             norm.std.fill_(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m distill.compact --config pipeline.toml --out ROOT [--dtype float16] [--set k=v ...]"""
+    import argparse
+    import json
+
+    from store_schema.config import load_config
+    ap = argparse.ArgumentParser(prog="python -m distill.compact", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True, help="root of the compact store to write (a new store)")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    rec = write_compact_store(cfg, args.out, dtype=args.dtype, storage_options=cfg.store.storage_options or None)
+    print(json.dumps({k: rec[k] for k in ("source_root", "adapter_init", "target_dim", "maps_sha256", "dtype")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
