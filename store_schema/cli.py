@@ -15,6 +15,7 @@ from .joint_stats import GROUP, fit_joint_stats
 from .store import FeatureStore, StoreError
 from .inspection import inspect_store
 from .oserrors import explain
+from .storage import check_reachable
 from .validate import validate_store
 
 
@@ -137,6 +138,10 @@ def _main(argv: list[str] | None) -> int:
     args = ap.parse_args(argv)
     options = parse_storage_options(args.storage_option)
     try:
+        try:  # a wrong endpoint, a missing bucket, no credentials: said as such, not as "no store here"
+            check_reachable(args.root, options, "--storage-option")
+        except ValueError as e:
+            raise StoreError(str(e)) from e
         if args.command == "joint-stats":
             return _joint_stats(args, options)
         if args.command == "inspect":

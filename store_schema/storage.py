@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 from typing import Any
@@ -70,8 +72,9 @@ class PipeReader(io.RawIOBase):
             raise ValueError("empty pipe: command")
         self.command = command
         self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+        # its own process group: stopping it early also stops what the shell started (`cat a | zcat`, ...)
         self._proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=self._stderr)
+                                      stderr=self._stderr, start_new_session=True)
         self._eof = False
 
     def readable(self) -> bool:
@@ -83,7 +86,7 @@ class PipeReader(io.RawIOBase):
         return len(data)
 
     def read(self, size: int = -1) -> bytes:
-        if self._eof:
+        if self._eof or size == 0:
             return b""
         data = self._proc.stdout.read() if size is None or size < 0 else self._proc.stdout.read(size)
         if not data:
@@ -108,7 +111,10 @@ class PipeReader(io.RawIOBase):
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
-            self._proc.kill()
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._proc.wait()
 
     def close(self) -> None:
@@ -179,7 +185,8 @@ def _chain(e: BaseException):
 
 def remote_problem(url: str, e: BaseException, key: str, options: dict[str, Any] | None = None) -> str | None:
     """One line for an unreachable endpoint, a missing bucket or missing / refused credentials met at `url`
-    (`key`: the config key holding its `options`, e.g. store.storage_options); None for anything else."""
+    (`key`: the config key holding its `options`, e.g. store.storage_options, or the flag that sets them,
+    --storage-option); None for anything else."""
     if is_local(url) or is_pipe(url):
         return None
     names = {type(x).__name__ for x in _chain(e)}
@@ -190,19 +197,20 @@ def remote_problem(url: str, e: BaseException, key: str, options: dict[str, Any]
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError",
                 "ConnectionRefusedError"} or "Could not connect to the endpoint" in text:
         return (f"{url}: cannot reach the object store at {endpoint}; set the right endpoint with "
-                f"{key}.endpoint_url (or --storage-option endpoint_url=http://HOST:PORT) and check the network")
+                f"{_opt(key, 'endpoint_url')} (e.g. --storage-option endpoint_url=http://HOST:PORT) and check the "
+                "network")
     if "NoSuchBucket" in names or "bucket does not exist" in text.lower():
         return (f"{url}: the bucket {bucket!r} does not exist at {endpoint}; create it, or fix the bucket in the "
-                f"URL (or the endpoint: {key}.endpoint_url)")
+                f"URL (or the endpoint: {_opt(key, 'endpoint_url')})")
     if names & {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:
         return (f"{url}: no credentials for {proto}://; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
-                f"AWS_PROFILE) in the environment, or {key}.key / {key}.secret, or {key}.anon = true for a public "
-                "bucket")
+                f"AWS_PROFILE) in the environment, or {_opt(key, 'key')} / {_opt(key, 'secret')}, or "
+                f"{_opt(key, 'anon', 'true')} for a public bucket")
     if (names & {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "PermissionError"}
-            or re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|403", text)):
+            or re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\b403\b", text)):
         return (f"{url}: the object store at {endpoint} refused the credentials ({_short(e)}); check "
-                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE or {key}.key / {key}.secret, and that "
-                "they may read (and write) this bucket")
+                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE or {_opt(key, 'key')} / "
+                f"{_opt(key, 'secret')}, and that they may read (and write) this bucket")
     return None
 
 
@@ -211,7 +219,13 @@ def _endpoint(key: str, e: BaseException, options: dict[str, Any] | None) -> str
     if m:
         return m.group(1)
     given = (options or {}).get("endpoint_url")
-    return str(given) if given else f"the provider's default endpoint (no {key}.endpoint_url)"
+    return str(given) if given else f"the provider's default endpoint (no {_opt(key, 'endpoint_url')})"
+
+
+def _opt(key: str, name: str, value: str = "...") -> str:
+    """How the user sets option `name`: store.storage_options.endpoint_url, or --storage-option endpoint_url=..."""
+    return f"{key} {name}={value}" if key.startswith("--") else (f"{key}.{name}" if value == "..." else
+                                                                  f"{key}.{name} = {value}")
 
 
 def _short(e: BaseException) -> str:

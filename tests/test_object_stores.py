@@ -170,6 +170,27 @@ def test_missing_bucket_is_one_line_naming_it(s3, tmp_path, capsys):
     assert "bucket 'no-such-bucket' does not exist" in _one_line_error(capsys)
 
 
+def test_comad_store_names_the_missing_bucket(s3, capsys):
+    from store_schema.cli import main as store_main
+    assert store_main(["inspect", "s3://no-such-bucket/store", f"--storage-option=endpoint_url={s3['endpoint']}",
+                       "--storage-option=key=testing", "--storage-option=secret=testing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bucket 'no-such-bucket' does not exist" in err
+    assert "--storage-option endpoint_url=" in err and "no store at" not in err
+
+
+def test_eval_data_on_a_wrong_endpoint_is_one_line_naming_eval_storage_options(s3, tmp_path, capsys):
+    make_teachers(tmp_path)
+    argv = ["eval", "--config", str(PIPELINE_TOML), "--random-init", "0", "--out", str(tmp_path / "e.json"),
+            *sets(tmp_path, [str(tmp_path / "unused.tar")], str(tmp_path / "store"), [
+                'eval.train_urls=["s3://bucket/eval/train.tar"]', 'eval.test_urls=["s3://bucket/eval/test.tar"]',
+                f'eval.storage_options.endpoint_url="{DEAD}"', "eval.storage_options." + FEW_RETRIES,
+                'eval.storage_options.key="testing"', 'eval.storage_options.secret="testing"'])]
+    assert distill_main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "s3://bucket/eval/train.tar" in line and "eval.storage_options.endpoint_url" in line
+
+
 def test_missing_credentials_is_one_line_naming_the_settings(s3, tmp_path, capsys):
     tars = write_tars(tmp_path, [2])
     argv = ["--config", str(PIPELINE_TOML), "--storage-option", f"endpoint_url={s3['endpoint']}",
