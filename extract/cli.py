@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         apply_threads(cfg.data.threads, cfg.data.num_workers, "data.threads", say=log.info)
         if args.dry_run:
             from extract.dry_run import dry_run, format_dry_run
-            print(format_dry_run(cfg, dry_run(cfg)))
+            report = format_dry_run(cfg, dry_run(cfg))  # under torchrun: every process checks, one prints
+            if rank == 0:
+                print(report)
             return 0
         run_extraction(cfg, redo_changed=args.redo_changed)
     # Every process ends with the same error (rank 0's message names what failed where): print it once.
