@@ -181,8 +181,9 @@ def iter_tar(url: str, max_image_pixels: int, storage_options: dict | None = Non
     try:
         fobj = open_input(url, storage_options)
     except Exception as e:  # FileNotFoundError, PermissionError, unknown protocol, missing s3fs, ...
-        why = remote_problem(url, e, options_key, storage_options) or f"{type(e).__name__}: {e}"
-        raise ShardReadError(f"cannot open input tar {url!r}: {why}", url) from e
+        remote = remote_problem(url, e, options_key, storage_options)  # starts with the URL
+        why = f"cannot open input tar {remote}" if remote else f"cannot open input tar {url!r}: {type(e).__name__}: {e}"
+        raise ShardReadError(why, url) from e
     with fobj:
         yield from _iter_stream(url, fobj, max_image_pixels)
         if isinstance(fobj, PipeReader):  # the tar's end marker was read: the command must also succeed

@@ -20,7 +20,10 @@ def explain(root: str, e: BaseException, doing: str = "", key: str = "store.root
     rerun = RERUN if key == "store.root" else "rerun (training: with --resume, from the last complete checkpoint)"
     path = getattr(e, "filename", None) or root
     code = getattr(e, "errno", None)
+    from .config import ConfigError
     from .storage import remote_problem  # here: storage imports fsspec; this module is imported everywhere
+    if isinstance(e, ConfigError) or type(e).__name__ in ("StoreError", "StoreMismatchError"):
+        return None  # already one line that names what to do (e.g. check_reachable's): raised as it is
     remote = remote_problem(root, e, "store.storage_options" if key == "store.root" else f"{key} storage options")
     if remote is not None:  # an unreachable endpoint, a missing bucket, missing or refused credentials
         return remote + (f" (while {doing})" if doing else "")

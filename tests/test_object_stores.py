@@ -201,6 +201,19 @@ def test_missing_credentials_is_one_line_naming_the_settings(s3, tmp_path, capsy
     assert "AWS_ACCESS_KEY_ID" in line and "store.storage_options.key" in line
 
 
+def test_refused_credentials_are_one_line(s3, tmp_path, capsys, monkeypatch):
+    import moto.settings
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks every signature
+    tars = write_tars(tmp_path, [2])
+    argv = ["--config", str(PIPELINE_TOML), *sets(tmp_path, [str(tars[0])], "s3://bucket/stores/refused", [
+        f'store.storage_options.endpoint_url="{s3["endpoint"]}"', 'store.storage_options.key="nobody"',
+        'store.storage_options.secret="wrong"'])]
+    assert extract_main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "s3://bucket/stores/refused" in line and "refused the credentials" in line
+    assert "store.storage_options.key" in line and "wrong" not in line  # the secret is not echoed
+
+
 def test_malformed_storage_option_is_one_line(tmp_path, capsys):
     assert extract_main(["--config", str(PIPELINE_TOML), "--storage-option", "endpoint_url"]) == 2
     assert "--storage-option 'endpoint_url' must look like KEY=VALUE" in _one_line_error(capsys)
