@@ -195,10 +195,13 @@ def test_objectives_give_different_representations_from_one_init(digits):
     images, _ = digits
     cfg = load_config(DEMO_TOML, [f"teachers.{n}.arch_kwargs={{embed_dim = 32, depth = 2, num_heads = 2}}"
                                   for n in ("mae", "mocov3", "ibot")])
-    # The two EMA methods move more slowly from the init (MoCo v3's patch projection is frozen, iBOT's fixture is
-    # its EMA teacher, which at momentum 0.99 would move only a third of the way in 40 steps).
-    recipe = FixtureRecipe(batch_size=32, mae_steps=40, mocov3_steps=100, ibot_steps=100,
-                           mae_lr=3e-3, mocov3_lr=3e-3, ibot_lr=3e-3, ibot_momentum=0.9)
+    # The two EMA methods move slowly from the init, and over a short schedule how far is sensitive to rounding
+    # (other CPUs train other bits: README "Reproducible teachers"). At the old 100 steps, MoCo v3 lr 3e-3 and
+    # iBOT momentum 0.9, CKA(iBOT, MoCo v3) was 0.96 on one machine and 0.84 with 2 threads. These settings move
+    # both far: measured max pairwise CLS CKA 0.81 (seed 0), 0.72 (2 threads), 0.67 / 0.35 (seeds 1 / 2).
+    # Patch means are no help: they barely move in 150 steps (CKA to their own init >= 0.87 for every objective).
+    recipe = FixtureRecipe(batch_size=32, mae_steps=40, mocov3_steps=150, ibot_steps=150,
+                           mae_lr=3e-3, mocov3_lr=5e-3, ibot_lr=3e-3, ibot_momentum=0.5)
     sub = np.arange(0, 1797, 4)  # 450 images to compare features on
     feats, init_feats = {}, {}
     for name, tcfg in cfg.teachers.items():
@@ -211,7 +214,9 @@ def test_objectives_give_different_representations_from_one_init(digits):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             trained, initial = linear_cka(feats[a], feats[b]), linear_cka(init_feats[a], init_feats[b])
-            # One initial backbone (only the position tables differ): the objectives made the difference.
+            print(f"CKA {a}-{b}: initial {initial:.3f}, trained {trained:.3f}")
+            # One initial backbone (only the position tables differ): the objectives made the difference. Two
+            # identical objectives would stay near 1.
             assert initial > 0.95 and trained < 0.9, (a, b, trained, initial)
 
 
