@@ -65,6 +65,7 @@ VARIANTS: list[tuple[str, list[str], str]] = [
      "joint, one student head per teacher, gated per-teacher losses"),
     ("cls-off", ['gate.variant="joint"', "loss.cls_weight=0.0"], "joint, without the CLS term (lambda_cls = 0)"),
     ("cls-on", ['gate.variant="joint"', "loss.cls_weight=1.0"], "joint, with the CLS term (lambda_cls = 1)"),
+    ("prior-none", ['gate.variant="joint"', 'gate.prior="none"'], "joint, without the rank prior (the session-3 default)"),
 ]
 # Smoke-tested (--steps 100 --seeds 0, every variant trained and evaluated): all of them since the model code for
 # cca / fusion = "loss" / cls_weight landed; `--variants working` runs this set.

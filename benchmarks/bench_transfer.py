@@ -25,7 +25,7 @@ from distill.cli import main as distill_main
 from distill.demo.run_demo import run_demo
 from distill.sweep import run_sweep
 
-# name, overrides on top of the shipped demo config (adapter_init "cca", cls_weight 1, gate "joint").
+# name, overrides on top of the shipped demo config (adapter_init "cca", cls_weight 1, gate "joint", prior "rankme").
 VARIANTS: list[tuple[str, list[str]]] = [
     ("fused", []),
     ("single-mae", ['train.teachers=["mae"]']),
@@ -38,6 +38,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("align-trainable", ["heads.adapter_trainable=true"]),
     ("fusion-loss", ['heads.fusion="loss"']),
     ("no-cls-term", ["loss.cls_weight=0.0"]),
+    ("prior-none", ['gate.prior="none"']),
+    ("gate-mean-prior-none", ['gate.variant="mean"', 'gate.prior="none"']),
 ]
 METRICS = ("cls/knn@20", "cls/linear", "mean_patch/knn@20", "mean_patch/linear")
 

@@ -10,9 +10,11 @@ features at co-visible tokens. Each teacher is whitened (ridge-regularised), the
 covariance M is eigendecomposed, and teacher k's map is W_k V_k, where V_k is the k-th block of M's
 leading eigenvectors. Output channel c is then the c-th shared canonical variate in every teacher:
 a component all teachers carry has eigenvalue up to T and appears in each of them with the same sign;
-a component only one teacher carries (eigenvalue ~1) is non-zero for that teacher alone, so the fused
-target keeps private knowledge instead of averaging it against noise. Hand-written (a few lines of
-eigh) because scikit-learn's CCA handles two views only and iterates, while this is closed form.
+a component only one teacher carries has eigenvalue ~1 and ranks behind every shared one, so at the
+student's width the shared basis holds mostly what the teachers have in common. (Several teachers' private
+components share that eigenvalue: eigh may return any rotation of them, so such a channel need not
+belong to one teacher.) Hand-written (a few lines of eigh) because scikit-learn's CCA handles two views
+only and iterates, while this is closed form.
 """
 from __future__ import annotations
 
@@ -92,3 +94,12 @@ def cca_maps(mean: Tensor, cov: Tensor, dims: list[int], out_dim: int,
         w = a[s].T.contiguous()
         maps.append((w, -(w @ mean64[s])))
     return maps, vals.flip(0)[:out_dim]
+
+
+def effective_rank(cov: Tensor) -> float:
+    """RankMe (Garrido et al., ICML 2023): exp of the entropy of the normalised eigenvalue spectrum of a
+    feature covariance — a label-free estimate of a self-supervised representation's quality (a collapsed
+    teacher has rank near 1, a rich one near its width)."""
+    vals = torch.linalg.eigvalsh(cov.detach().double().cpu()).clamp(min=0)
+    p = vals / vals.sum().clamp(min=torch.finfo(vals.dtype).tiny)
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))

@@ -20,7 +20,8 @@ from torch import Tensor
 GATE_VARIANTS = ("joint", "mean", "affinity", "agreement")
 
 
-def _check_args(query: Tensor, targets: Tensor, visible: Tensor, variant: str, temperature: float) -> None:
+def _check_args(query: Tensor, targets: Tensor, visible: Tensor, variant: str, temperature: float,
+                prior: Tensor | None = None) -> None:
     if variant not in GATE_VARIANTS:
         raise ValueError(f"unknown gate variant {variant!r}; choose one of {', '.join(map(repr, GATE_VARIANTS))}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -35,6 +36,8 @@ def _check_args(query: Tensor, targets: Tensor, visible: Tensor, variant: str, t
     if tuple(query.shape) not in ((b, n, d), (b, t, n, d)):
         raise ValueError(f"query shape {tuple(query.shape)} does not match targets (B, T, N, d) = {(b, t, n, d)}: "
                          f"expected {(b, n, d)} or {(b, t, n, d)}")
+    if prior is not None and (tuple(prior.shape) != (t,) or not bool((prior > 0).all() & prior.isfinite().all())):
+        raise ValueError(f"prior must be ({t},) finite positive teacher weights, got {prior.tolist()}")
     if visible.dtype != torch.bool:
         raise TypeError(f"visible must be a bool mask, got dtype {visible.dtype}")
     if tuple(visible.shape) != (b, t, n):
@@ -72,7 +75,7 @@ def _scores(q: Tensor, t: Tensor, visible: Tensor, variant: str) -> Tensor:
 
 @torch.no_grad()
 def consensus_gate(query: Tensor, targets: Tensor, visible: Tensor, variant: str,
-                   temperature: float) -> tuple[Tensor, Tensor]:
+                   temperature: float, prior: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fuse teachers per token.
 
     Args:
@@ -83,17 +86,21 @@ def consensus_gate(query: Tensor, targets: Tensor, visible: Tensor, variant: str
         visible: (B, T, N) bool, teacher k saw token i.
         variant: one of GATE_VARIANTS.
         temperature: τ_g > 0 of the softmax over teachers.
+        prior: optional (T,) positive teacher weights π_k, w_k ∝ π_k exp(c_k / τ_g) (the model passes each
+            teacher's share of the summed effective ranks, `distill.basis.effective_rank`).
 
     Returns:
         fused: (B, N, d) Σ_k w_k,i t̂_k,i; exactly zero at positions no teacher saw.
         weights: (B, T, N) softmax over k ∈ A_i; exactly zero for k ∉ A_i and at uncovered positions.
         Both in float32 (or the inputs' wider dtype) and without autograd history.
     """
-    _check_args(query, targets, visible, variant, temperature)
+    _check_args(query, targets, visible, variant, temperature, prior)
     dtype = _compute_dtype(query, targets)
     t = torch.where(visible.unsqueeze(-1), targets.to(dtype), 0.0)
     q = query.detach().to(dtype)
     logits = _scores(q, t, visible, variant) / temperature
+    if prior is not None:
+        logits = logits + prior.to(dtype).log().view(1, -1, 1)
     covered = visible.any(1, keepdim=True)
     # Uncovered rows get finite logits (a softmax of all -inf is NaN) and are zeroed by the mask after.
     logits = torch.where(visible | ~covered, logits, -math.inf)

@@ -14,6 +14,11 @@ that the projector (visible tokens) and the decoder (full map) match; "loss" —
 own linear student head (the AM-RADIO / UNIC shape), the gate weights the per-teacher token losses per
 token, and the map losses by each teacher's mean gate weight.
 
+Gate prior (`gate.prior = "rankme"`): each teacher's gate weight is also multiplied by its share of the
+teachers' summed effective ranks (RankMe, distill.basis.effective_rank, from the store's per-teacher
+statistics) before renormalising: a label-free quality estimate, so a collapsed or near-random teacher
+counts less than a rich one wherever both saw a token (consensus alone follows the majority).
+
 Global level (`loss.cls_weight` > 0): a linear head per teacher on the student's CLS matches that
 teacher's adapted CLS (token-level KL over channels), averaged over teachers.
 
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.basis import cca_maps
+from distill.basis import cca_maps, effective_rank
 from distill.consensus_gate import consensus_gate, gate_statistics
 from distill.heads import MaskedDecoder, Projector, TeacherAdapter
 from distill.losses import MapKLLoss, TokenKLLoss
@@ -96,6 +101,8 @@ class CoMADDistiller(nn.Module):
         self.map_loss = MapKLLoss(lo.map_temperature, detach_target=not h.adapter_trainable)
         self.token_weight, self.map_weight = lo.token_weight, lo.map_weight
         self.gate_variant, self.gate_temperature = cfg.gate.variant, cfg.gate.temperature
+        if cfg.gate.prior != "none":  # set from the store's statistics; saved with the model
+            self.register_buffer("gate_prior", torch.ones(len(self.teacher_names)))
         self.adapter_trainable = h.adapter_trainable
         self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.student.std).view(1, 1, 3, 1, 1), persistent=False)
@@ -131,6 +138,9 @@ class CoMADDistiller(nn.Module):
                 mean, cov = torch.zeros_like(mean), cov / torch.outer(std, std)
             if pca:
                 self.adapters[t].init_from_statistics(mean, cov)
+        if hasattr(self, "gate_prior"):
+            ranks = torch.tensor([effective_rank(torch.from_numpy(np.asarray(stats[t].cov))) for t in self.teacher_names])
+            self.gate_prior.copy_(ranks / ranks.sum())
         if joint is not None:
             self._init_shared_basis(*joint, std_all)
 
@@ -191,7 +201,8 @@ class CoMADDistiller(nn.Module):
                       visible: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One gated target t̄ per token; the projector matches it at V_s, the decoder over the covered map."""
         query = s_map.scatter(1, idx.unsqueeze(-1).expand(-1, -1, s.shape[-1]), s)  # s_i where seen, s̃_i elsewhere
-        fused, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature)
+        fused, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature,
+                                        getattr(self, "gate_prior", None))
         if self.adapter_trainable:  # same values; the gate weights stay gradient-free, the adapters get one
             fused = (weights.unsqueeze(-1) * targets).sum(1)
         return self.token_loss(s, _at(fused, idx)), self.map_loss(s_map, fused, visible.any(1)), weights
@@ -204,7 +215,8 @@ class CoMADDistiller(nn.Module):
         map_k = torch.stack([h(s_map) for h in heads], 1)  # (B, T, N, d)
         d = s.shape[-1]
         query = map_k.scatter(2, idx[:, None, :, None].expand(-1, len(heads), -1, d), s_k)
-        _, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature)
+        _, weights = consensus_gate(query, targets, visible, self.gate_variant, self.gate_temperature,
+                                    getattr(self, "gate_prior", None))
         tgt_k = _at(targets, idx)  # (B, T, Ks, d): every teacher saw every student token
         b, k, ks, _ = s_k.shape
         kl = self.token_loss.per_token(s_k.reshape(b * k, ks, d), tgt_k.reshape(b * k, ks, d)).view(b, k, ks)

@@ -172,7 +172,7 @@ def to_device(x: Any, device: torch.device) -> Any:
 
 
 def needs_statistics(cfg: PipelineConfig) -> bool:
-    return cfg.heads.adapter_init in ("pca", "cca") or cfg.loss.standardize_targets
+    return cfg.heads.adapter_init in ("pca", "cca") or cfg.loss.standardize_targets or cfg.gate.prior != "none"
 
 
 def open_store(cfg: PipelineConfig):
@@ -316,6 +316,9 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         install_identity_adapters(model)
     elif stats is not None:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
+    if main and hasattr(model, "gate_prior"):
+        print("gate prior (rankme, from each teacher's statistics in the store): "
+              + ", ".join(f"{t} {float(p):.3f}" for t, p in zip(model.teacher_names, model.gate_prior)))
     optimizer = build_optimizer(model, cfg, world)
     scheduler = build_scheduler(optimizer, cfg, world)
     # The scheduler is not prepared: accelerate would step it once per process.

@@ -99,6 +99,7 @@ class HeadsConfig:
 class GateConfig:
     variant: str
     temperature: float
+    prior: str  # none | rankme: each teacher's weight also in proportion to the effective rank of its features
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "heads.fusion": ("target", "loss"),
     "heads.collapse_action": ("stop", "warn"),
     "gate.variant": ("joint", "mean", "affinity", "agreement"),
+    "gate.prior": ("none", "rankme"),
     "train.mixed_precision": ("auto", "bf16", "no"),
     "train.targets": ("store", "online"),
     # accelerate's LoggerType names ("all" left out: it would start every tracker that happens to be installed)

@@ -17,7 +17,7 @@ def _cos(x: list[float], y: list[float]) -> float:
     return sum(a * b for a, b in zip(x, y)) / max(nx * ny, 1e-300)
 
 
-def reference_gate(query, targets, visible, variant, tau):
+def reference_gate(query, targets, visible, variant, tau, prior=None):
     """Straight transcription of DESIGN §6 with python loops and the math module."""
     b_, t_, n_, d_ = targets.shape
     fused = torch.zeros(b_, n_, d_, dtype=torch.float64)
@@ -35,10 +35,11 @@ def reference_gate(query, targets, visible, variant, tau):
                 others = [j for j in seen if j != k]
                 g = sum(_cos(vec[k], vec[j]) for j in others) / len(others) if others else 0.0
                 scores[k] = {"joint": (a + g) / 2, "mean": 0.0, "affinity": a, "agreement": g}[variant]
+            pi = [1.0] * t_ if prior is None else [float(p) for p in prior]
             top = max(scores.values())
-            z = sum(math.exp((scores[k] - top) / tau) for k in seen)
+            z = sum(pi[k] * math.exp((scores[k] - top) / tau) for k in seen)
             for k in seen:
-                w = math.exp((scores[k] - top) / tau) / z
+                w = pi[k] * math.exp((scores[k] - top) / tau) / z
                 weights[b, k, i] = w
                 for c in range(d_):
                     fused[b, i, c] += w * vec[k][c]
@@ -213,3 +214,17 @@ def test_bad_arguments_raise_helpful_errors():
         consensus_gate(query, targets, vis.float(), "joint", 0.1)
     with pytest.raises(ValueError, match="weights"):
         gate_statistics(torch.zeros(B, T), vis)
+
+
+@pytest.mark.parametrize("variant", GATE_VARIANTS)
+def test_a_teacher_prior_multiplies_the_weights_before_renormalising(variant):
+    query, targets, vis = random_inputs(3)
+    prior = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    fused, weights = consensus_gate(query, targets, vis, variant, 0.1, prior)
+    ref_fused, ref_weights = reference_gate(query, targets, vis, variant, 0.1, prior.tolist())
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused, ref_fused, rtol=1e-10, atol=1e-12)
+    uniform = consensus_gate(query, targets, vis, variant, 0.1, torch.full((3,), 0.2, dtype=torch.float64))
+    torch.testing.assert_close(uniform[1], consensus_gate(query, targets, vis, variant, 0.1)[1])  # scale-free
+    with pytest.raises(ValueError, match="prior"):
+        consensus_gate(query, targets, vis, variant, 0.1, torch.tensor([1.0, 0.0, 1.0]))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from _extract_fixtures import extract_config, write_tars
 from _train_worker import build_store
-from distill.basis import cca_maps, pca_map
+from distill.basis import cca_maps, effective_rank, pca_map
 from distill.cli import main as distill_main
 from distill.collapse import CollapseGuard, TargetCollapseError
 from distill.heads import TeacherAdapter
@@ -256,3 +256,27 @@ def test_a_collapsing_run_stops_with_one_line(store_cfg, capsys):
     code = distill_main(["train", "--config", str(root / "config.toml"), *sum((["--set", o] for o in over), [])])
     err = capsys.readouterr().err
     assert code == 1 and "collapsed" in err and "step 2" in err and "Traceback" not in err
+
+
+def test_effective_rank_is_rankme_and_orders_collapsed_below_rich_features():
+    vals = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    p = vals / vals.sum()
+    expected = float(torch.exp(-(p * p.log()).sum()))
+    rot, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert abs(effective_rank(rot @ torch.diag(vals) @ rot.T) - expected) < 1e-9  # basis-free
+    assert abs(effective_rank(torch.eye(6)) - 6.0) < 1e-9
+    collapsed = torch.diag(torch.tensor([1.0, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]))
+    assert effective_rank(collapsed) < 1.01 < effective_rank(torch.eye(6))
+
+
+def test_the_rank_prior_comes_from_the_store_statistics(store_cfg):
+    root, _ = store_cfg
+    cfg = load_config(root / "config.toml", ['gate.prior="rankme"', 'heads.adapter_init="pca"'])
+    store = FeatureStore.open(cfg.store.root)
+    model = _model(cfg)
+    ranks = torch.tensor([effective_rank(torch.from_numpy(np.asarray(store.teacher_stats(t).cov)))
+                          for t in cfg.distill_teachers])
+    torch.testing.assert_close(model.gate_prior, (ranks / ranks.sum()).float())
+    assert "gate_prior" in model.state_dict()  # a resume reads the prior back with the model
+    loss, _ = model(next(iter(StoreBatches(cfg, 0, 1))))
+    assert torch.isfinite(loss)
