@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import math
 import os
 import random
@@ -187,10 +188,10 @@ def open_store(cfg: PipelineConfig):
     except Exception as e:
         if cfg.train.targets != "online":
             raise
-        raise ConfigError(f"online targets with heads.adapter_init = \"pca\" or \"cca\" or loss.standardize_targets need "
-                          f"the store's teacher statistics, but the store cannot be used: {e}\nSet "
-                          "heads.adapter_init = \"random\" and loss.standardize_targets = false, or extract a "
-                          "store first") from e
+        raise ConfigError(f"online targets with heads.adapter_init = \"pca\" or \"cca\", loss.standardize_targets or "
+                          f"gate.prior = \"rankme\" need the store's teacher statistics, but the store cannot be used: "
+                          f"{e}\nSet heads.adapter_init = \"random\", loss.standardize_targets = false and gate.prior = "
+                          "\"none\", or extract a store first") from e
 
 
 def target_statistics(cfg: PipelineConfig, store) -> tuple[dict | None, tuple | None]:
@@ -318,7 +319,8 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     if main and hasattr(model, "gate_prior"):
         print("gate prior (rankme, from each teacher's statistics in the store): "
-              + ", ".join(f"{t} {float(p):.3f}" for t, p in zip(model.teacher_names, model.gate_prior)))
+              + ", ".join(f"{t} {float(p):.3f}" for t, p in zip(model.teacher_names, model.gate_prior)),
+              file=sys.stderr)
     optimizer = build_optimizer(model, cfg, world)
     scheduler = build_scheduler(optimizer, cfg, world)
     # The scheduler is not prepared: accelerate would step it once per process.
