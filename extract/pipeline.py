@@ -60,7 +60,7 @@ from store_schema.faults import fault_point
 from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
 from store_schema.inspection import RUNS_GROUP
 from store_schema.joint_stats import fit_joint_stats
-from store_schema.lock import acquire_writer_lock, release_writer_lock
+from store_schema.lock import acquire_writer_lock, release_writer_lock, remove_dead_writer_temporaries
 from store_schema.oserrors import STORE_OS_ERRORS, explain, raise_store_error
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
 from store_schema.writer import TeacherRows, UnitRows
@@ -223,6 +223,7 @@ def _create_and_lock(cfg: PipelineConfig, metas: dict[str, TeacherMeta], storage
                      run_id: str) -> FeatureStore:
     store = FeatureStore.create(cfg.store.root, cfg, metas, storage_options=storage_options)
     acquire_writer_lock(store, run_id)
+    remove_dead_writer_temporaries(store)
     return store
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -28,6 +29,32 @@ LOCK_KEY = "extract.lock"
 # created the file and not yet written it: taking that over would let two runs in).
 TORN_LOCK_AGE_S = 60.0
 log = logging.getLogger("comad.extract")
+# zarr's LocalStore writes every file as `<path stem>.<uuid4 hex>.partial` and renames it into place.
+ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")
+
+
+def remove_dead_writer_temporaries(store: FeatureStore) -> list[str]:
+    """Delete the temporary files a killed writer left in a local store; returns their paths.
+
+    Called by the lock holder, the store's only writer, so every such file is debris. zarr creates the
+    parent groups' `zarr.json` on each array it creates (write-temporary-then-rename), so a kill can leave
+    `zarr.<hex>.partial` in the root, `units/` or a unit. Chunk directories (`units/.../c/`) are not walked:
+    a unit is complete only after all its chunks are durable, and an incomplete one is deleted whole
+    when it is redone. Object stores write whole objects and leave no temporaries.
+    """
+    root = local_dir(store, "")
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(root) if root is not None else ():
+        if Path(dirpath).relative_to(root).parts[:1] == ("units",):
+            dirnames[:] = [d for d in dirnames if d != "c"]
+        for f in filenames:
+            if ZARR_TEMPORARY.fullmatch(f):
+                Path(dirpath, f).unlink(missing_ok=True)
+                removed.append(str(Path(dirpath, f).relative_to(root)))
+    if removed:
+        log.warning("%s: removed %d temporary file(s) a killed writer left behind: %s", store.root, len(removed),
+                    ", ".join(sorted(removed)[:5]) + (" ..." if len(removed) > 5 else ""))
+    return removed
 
 
 def acquire_writer_lock(store: FeatureStore, run_id: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,9 @@ class UnitInfo:
     complete: bool
     teachers_complete: tuple[str, ...]
     excluded_rows: tuple[int, ...] = ()
+
+
+UNIT_NAME = re.compile(r"u[0-9a-f]{16}")
 
 
 def unit_name(source_url: str) -> str:
@@ -163,10 +167,13 @@ class FeatureStore:
         return TeacherMeta(**self.meta["teachers"][name])
 
     def unit_names(self) -> list[str]:
-        """Unit groups by a listing: zarr's group_keys() fails outright on the first torn zarr.json."""
+        """Unit groups by a listing: zarr's group_keys() fails outright on the first torn zarr.json.
+
+        Only names a unit can have: a writer killed while zarr wrote `units/zarr.json` leaves its
+        temporary `zarr.<hex>.partial` there, which is no unit (the next extraction deletes it)."""
         prefix = f"{self.group.path}/units" if self.group.path else "units"
         return sorted(n.strip("/") for n in sync(_collect(self.group.store.list_dir(prefix)))
-                      if n.strip("/") != "zarr.json")
+                      if UNIT_NAME.fullmatch(n.strip("/")))
 
     def units(self, complete_only: bool = True) -> list[UnitInfo]:
         """Units in name order; a unit is complete when its record and every teacher's are written."""

@@ -112,3 +112,31 @@ def test_second_extraction_refused_while_lock_is_held(tmp_path):
         holder.wait()
     summary = run_extraction(cfg)  # the holder is dead: its lock is taken over
     assert summary["tars_already_complete"] == 1
+
+
+def test_temporaries_of_a_killed_writer_are_ignored_then_removed(tmp_path, caplog):
+    # A kill while zarr writes a parent's zarr.json leaves `zarr.<uuid hex>.partial` beside it (CI saw one in
+    # units/, read as a fifth unit). Plant them where that happens, with the dead writer's lock, and rerun.
+    tars = write_tars(tmp_path, [3, 2])
+    cfg = extract_config(tmp_path, tars)
+    run_extraction(cfg)
+    root = Path(cfg.store.root)
+    before = FeatureStore.open(str(root)).units()
+    unit = root / "units" / unit_name(str(tars[0]))
+    debris = [root / f"zarr.{'a' * 32}.partial", root / "units" / f"zarr.{'b' * 32}.partial",
+              unit / f"zarr.{'c' * 32}.partial", unit / "teachers" / f"zarr.{'d' * 32}.partial"]
+    for p in debris:
+        p.write_bytes(b'{"zarr_format": 3, "node_')  # torn, as a kill mid-write leaves it
+    keep = root / "units" / "notes.partial"  # not zarr's temporary name: not ours to delete
+    keep.write_text("a user's file")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (root / LOCK_KEY).write_text(f'{{"host": "{os.uname().nodename}", "pid": {int(dead.stdout)}, "run_id": "x"}}')
+
+    assert FeatureStore.open(str(root)).units() == before  # readers see no extra unit
+    assert [u.name for u in FeatureStore.open(str(root)).units(complete_only=False)] == [u.name for u in before]
+    with caplog.at_level("WARNING", logger="comad.extract"):
+        summary = run_extraction(cfg)
+    assert summary["tars_already_complete"] == 2 and summary["errors"] == []
+    assert not any(p.exists() for p in debris) and keep.exists()
+    assert "removed 4 temporary file(s) a killed writer left behind" in caplog.text
+    assert FeatureStore.open(str(root)).units() == before and not (root / LOCK_KEY).exists()
