@@ -11,7 +11,8 @@ or PCA / the standardisation, whatever the config says), and writes z_k = W_k ·
 today's target up to the float16 rounding of z_k (tests/test_reader_compact.py).
 
 Provenance, in the compact store's root attribute `comad_compact`: the source store's root,
-fingerprint, units digest and joint-statistics record, the config fields the maps depend on
+fingerprint, units digest, joint-statistics record and each teacher's effective rank (the gate prior's
+input: the compact features' own spectrum is the mapped one, not the teacher's), the config fields the maps depend on
 (heads.adapter_init, cca_ridge, target width, loss.standardize_targets), and the sha256 of the maps,
 which are stored too (`compact_map/<t>/{weight (d, D), bias (d,)}`, float64). Training refuses a
 compact store with trainable adapters (there is nothing left to train: the 768-d features are gone)
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.basis import effective_rank
 from store_schema.config import ConfigError, PipelineConfig
 from store_schema.store import FeatureStore, StoreError, TeacherMeta
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
@@ -91,8 +93,9 @@ def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float1
     maps, width = fit_maps(cfg, src)
     teachers = list(cfg.distill_teachers)
     _, digest = src.units_digest()
+    ranks = {t: effective_rank(torch.from_numpy(np.asarray(src.teacher_stats(t).cov))) for t in teachers}
     rec = {"source_root": str(src.root), "source_fingerprint": src.fingerprint, "source_units_digest": digest,
-           "source_joint_stats": joint_stats_record(src), **_map_fields(cfg, width),
+           "source_joint_stats": joint_stats_record(src), "source_effective_ranks": ranks, **_map_fields(cfg, width),
            "maps_sha256": _maps_sha256(maps), "dtype": dtype}
     dcfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=dst_root, dtype=dtype))
     metas = {t: TeacherMeta(width, src.teacher_meta(t).tokens, src.teacher_meta(t).weights_sha256) for t in teachers}
@@ -153,7 +156,20 @@ def check_compact_training(cfg: PipelineConfig, store: FeatureStore) -> dict[str
     if diffs:
         raise ConfigError(f"{store.root} is a compact store whose maps were fitted with other settings:\n  - "
                           + "\n  - ".join(diffs) + f"\nUse those settings, or train from {rec['source_root']}")
+    if cfg.gate.prior != "none" and not isinstance(rec.get("source_effective_ranks"), dict):
+        raise ConfigError(f"{store.root} is a compact store written before it recorded its source's effective "
+                          f"ranks, which gate.prior = {cfg.gate.prior!r} needs: write it again (python -m "
+                          f"distill.compact --config ... --out ...) from {rec['source_root']}, or set "
+                          "gate.prior = \"none\"")
     return rec
+
+
+@torch.no_grad()
+def install_compact_maps(model, rec: dict[str, Any]) -> None:
+    """Identity adapters (the features are mapped already) and the source store's gate prior."""
+    install_identity_adapters(model)
+    if "source_effective_ranks" in rec:
+        model.set_gate_prior(rec["source_effective_ranks"])
 
 
 @torch.no_grad()

@@ -138,11 +138,16 @@ class CoMADDistiller(nn.Module):
                 mean, cov = torch.zeros_like(mean), cov / torch.outer(std, std)
             if pca:
                 self.adapters[t].init_from_statistics(mean, cov)
-        if hasattr(self, "gate_prior"):
-            ranks = torch.tensor([effective_rank(torch.from_numpy(np.asarray(stats[t].cov))) for t in self.teacher_names])
-            self.gate_prior.copy_(ranks / ranks.sum())
+        self.set_gate_prior({t: effective_rank(torch.from_numpy(np.asarray(stats[t].cov))) for t in self.teacher_names})
         if joint is not None:
             self._init_shared_basis(*joint, std_all)
+
+    @torch.no_grad()
+    def set_gate_prior(self, ranks: dict[str, float]) -> None:
+        """gate.prior = "rankme": each teacher's share of the teachers' effective ranks (no-op otherwise)."""
+        if hasattr(self, "gate_prior"):
+            r = torch.tensor([float(ranks[t]) for t in self.teacher_names], dtype=torch.float64)
+            self.gate_prior.copy_(r / r.sum())
 
     def _init_shared_basis(self, joint: RunningStats, dims: list[int], std_all: list[tuple[Tensor, Tensor]]) -> None:
         mean, cov = torch.from_numpy(np.asarray(joint.mean)), torch.from_numpy(np.asarray(joint.cov))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint, load_checkpoint, read_meta,
                                 save_checkpoint)
 from distill.collapse import CollapseGuard
-from distill.compact import check_compact_training, install_identity_adapters
+from distill.compact import check_compact_training, install_compact_maps
 from distill.model import CoMADDistiller
 from distill.tracking import finish_trackers, start_trackers
 from distill.store_dataset import dequantize_targets
@@ -314,7 +314,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         dims = live.dims
     model = CoMADDistiller(cfg, dims)
     if compact:
-        install_identity_adapters(model)
+        install_compact_maps(model, compact)
     elif stats is not None:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     if main and hasattr(model, "gate_prior"):

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import distill.train as train_mod
 from _train_worker import build_store
-from distill.compact import (check_compact_training, compact_record, fit_maps, install_identity_adapters,
-                             write_compact_store)
+from distill.compact import (ATTR, check_compact_training, compact_record, fit_maps, install_compact_maps,
+                             install_identity_adapters, write_compact_store)
 from distill.model import CoMADDistiller
 from distill.store_dataset import check_store_matches
 from store_schema.config import ConfigError, load_config
@@ -111,3 +113,30 @@ def test_training_runs_from_a_compact_store(stores, tmp_path):
                                             ("train.run_dir", str(tmp_path / "run2"))])
     with pytest.raises(ConfigError, match="compact store"):
         train_mod.train(bad)
+
+
+def test_the_gate_prior_comes_from_the_source_store(stores, tmp_path):
+    # The compact features' spectrum is the mapped one: the prior must be the full store's, not recomputed.
+    cfg, compact = stores
+    assert cfg.gate.prior == "rankme"
+    full = check_store_matches(cfg)
+    torch.manual_seed(0)
+    want = CoMADDistiller(cfg, {t: full.teacher_meta(t).dim for t in full.teachers})
+    stats, joint = train_mod.target_statistics(cfg, full)
+    want.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
+    assert float(want.gate_prior.max() - want.gate_prior.min()) > 1e-3  # not uniform: the check can fail
+    ccfg = _with_root(cfg, compact["float16"])
+    small = check_store_matches(ccfg)
+    got = CoMADDistiller(ccfg, {t: small.teacher_meta(t).dim for t in small.teachers})
+    install_compact_maps(got, check_compact_training(ccfg, small))
+    torch.testing.assert_close(got.gate_prior, want.gate_prior, rtol=1e-12, atol=0)
+
+    # A compact store written before the ranks were recorded: refused with the prior, served without it.
+    rec = {k: v for k, v in compact_record(small).items() if k != "source_effective_ranks"}
+    shutil.copytree(compact["float16"], tmp_path / "old")
+    g = zarr.open_group(str(tmp_path / "old"), mode="r+")
+    g.attrs.put({**dict(g.attrs), ATTR: rec})
+    old = FeatureStore.open(str(tmp_path / "old"))
+    with pytest.raises(ConfigError, match="gate.prior.*write it again"):
+        check_compact_training(ccfg, old)
+    assert check_compact_training(_with_root(ccfg, ccfg.store.root, [("gate.prior", "none")]), old) is not None
