@@ -10,14 +10,20 @@ read path that was the only one before issue 14, int8 decoded to float32 in the 
 process, side by side with `engine = "direct"` (store_schema/chunkread.py; int8 kept as int8 + scale).
 
     python -m benchmarks.bench_reader [--quick] [--samples 128] [--batches 24] [--repeats 3]
-        [--dtypes float16 int8] [--compressions none zstd blosc] [--workers 0 1 2] [--engines zarr fast]
+        [--dtypes float16 int8] [--compressions none zstd blosc blosc5] [--workers 0 1 2] [--engines zarr direct]
+        [--pixels random|photo]
 
 Reported per variant: samples per CPU-second (the figure that decides how many cores feed a GPU),
 samples per wall-second (noisy on a shared machine), stored MB read per CPU-second, and the stored bytes
-per view. The JSON key `samples_per_cpu_s` holds {engine/dtype/compression/workers: median}. dtype
-"compact" is the compact store (distill/compact.py: float16 features already mapped by the default
-frozen CCA basis to the target width); `compact_over_float16_ratio` is its bytes per view over the
-float16 store's (zstd).
+per view. The JSON key `samples_per_cpu_s` holds {engine/dtype/compression/workers: median}. A
+compression is a codec name with an optional level (`blosc5` = blosc at level 5; no digits = level 3,
+pipeline.toml's). dtype "compact" is the compact store (distill/compact.py: float16 features already
+mapped by the default frozen CCA basis to the target width), one per compression, written from the
+float16 store of that compression; `compact_over_float16_ratio` is the bytes per view of the compact
+store as distill/compact.py writes it by default (its own codec, when among --compressions) over
+today's float16 store's (pipeline.toml: zstd level 3), `..._by_compression` the same at equal codecs.
+`--pixels photo` stores student pixels cut from the photos scikit-learn ships (random crops, as the
+extractor's views) instead of uniform noise, which no codec can shrink.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -49,13 +56,46 @@ def _features(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def codec(spec: str) -> tuple[str, int]:
+    """"blosc5" -> ("blosc", 5); a bare name is level 3 (pipeline.toml's store.compression_level)."""
+    m = re.fullmatch(r"(none|zstd|blosc)(\d*)", spec)
+    if m is None:
+        raise SystemExit(f"bench_reader: compression {spec!r}: use none, zstd or blosc, optionally with a level (blosc5)")
+    return m[1], int(m[2] or 3)
+
+
+def _photo_pixels(rng: np.random.Generator, sidx: np.ndarray, image: int, p: int) -> np.ndarray:
+    """(m, V, Ks, 3, p, p) uint8: each view a random resized crop (scale 0.25-1, ratio 3/4-4/3) of a photo
+    scikit-learn ships, at `image` px, its patches at sidx; like the extractor's views of real images."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        raise SystemExit("bench_reader: --pixels photo needs scikit-learn (pip install -e '.[extras]')") from None
+    from PIL import Image
+    photos = load_sample_images().images
+    g = image // p
+    out = np.empty((*sidx.shape, 3, p, p), dtype=np.uint8)
+    for i, v in np.ndindex(sidx.shape[:2]):
+        im = photos[rng.integers(len(photos))]
+        H, W = im.shape[:2]
+        area, ratio = rng.uniform(0.25, 1.0) * H * W, np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        h, w = min(H, int(np.sqrt(area / ratio))), min(W, int(np.sqrt(area * ratio)))
+        top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+        view = np.asarray(Image.fromarray(im[top:top + h, left:left + w]).resize((image, image), Image.BICUBIC))
+        patches = view.reshape(g, p, g, p, 3).transpose(0, 2, 4, 1, 3).reshape(g * g, 3, p, p)
+        out[i, v] = patches[sidx[i, v]]
+    return out
+
+
 def build_store(root: Path, dtype: str, compression: str, samples: int, unit_samples: int, dim: int,
-                extra: list[str] = (), seed: int = 0) -> dict:
+                extra: list[str] = (), seed: int = 0, pixels: str = "random") -> dict:
     """A store of `samples` synthetic samples at the configured shapes: {cfg (to read it), bytes_per_view}."""
+    t0 = time.perf_counter()
     n_units = max(1, samples // unit_samples)
     urls = [f"{root}/src/bench-{i:06d}.tar" for i in range(n_units)]
-    cfg = bench_config([f'store.root="{root}/store"', f'store.dtype="{dtype}"', f'store.compression="{compression}"',
-                        f"data.urls={json.dumps(urls)}", *extra])
+    name, level = codec(compression)
+    cfg = bench_config([f'store.root="{root}/store"', f'store.dtype="{dtype}"', f'store.compression="{name}"',
+                        f"store.compression_level={level}", f"data.urls={json.dumps(urls)}", *extra])
     store = FeatureStore.create(cfg.store.root, cfg, {t: TeacherMeta(dim, cfg.teacher_tokens(t), f"bench-{t}")
                                                       for t in cfg.teachers})
     rng = np.random.default_rng(seed)
@@ -74,24 +114,29 @@ def build_store(root: Path, dtype: str, compression: str, samples: int, unit_sam
             teachers[t] = TeacherRows(idx, _features(rng, (m, V, kt, dim)), _features(rng, (m, V, dim)))
         rows = UnitRows(keys=[f"{u}-{i:06d}" for i in range(m)], index=np.arange(m), label=np.zeros(m, np.int64),
                         views=rng.random((m, V, 5), dtype=np.float32), student_idx=sidx,
-                        student_pixels=rng.integers(0, 256, size=(m, V, ks, 3, p, p), dtype=np.uint8),
+                        student_pixels=(_photo_pixels(rng, sidx, cfg.data.image_size, p) if pixels == "photo" else
+                                        rng.integers(0, 256, size=(m, V, ks, 3, p, p), dtype=np.uint8)),
                         teachers=teachers)
         w = UnitWriter(store, url)
         w.append(rows)
         w.commit()
-    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * V)}
+    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * V),
+            "write_s": time.perf_counter() - t0}
 
 
-def build_compact(src_cfg, root: Path, samples: int) -> dict:
-    """The compact store (distill/compact.py) of a float16 store: its features mapped by the default
-    frozen basis (the CCA of the cross-teacher statistics, fitted here from the store itself)."""
+def build_compact(src_cfg, root: Path, samples: int, compression: str) -> dict:
+    """The compact store (distill/compact.py) of a float16 store, written with `compression`: its features
+    mapped by the default frozen basis (the CCA of the cross-teacher statistics, fitted from the store)."""
     from distill.compact import write_compact_store
     from store_schema.joint_stats import fit_joint_stats
     shutil.rmtree(root, ignore_errors=True)
     fit_joint_stats(FeatureStore.open(src_cfg.store.root, mode="r+"), src_cfg.store.joint_stats_samples)
-    write_compact_store(src_cfg, f"{root}/store", dtype="float16")
+    name, level = codec(compression)
+    t0 = time.perf_counter()  # the compact write alone (reading the source, mapping, encoding, writing)
+    write_compact_store(src_cfg, f"{root}/store", dtype="float16", compression=name, compression_level=level)
     cfg = dataclasses.replace(src_cfg, store=dataclasses.replace(src_cfg.store, root=f"{root}/store"))
-    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * cfg.views.num_views)}
+    return {"cfg": cfg, "bytes_per_view": _stored_bytes(root / "store") / (samples * cfg.views.num_views),
+            "write_s": time.perf_counter() - t0}
 
 
 def _stored_bytes(store_root: Path) -> int:
@@ -138,7 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, default=24, help="timed batches per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"])
-    ap.add_argument("--compressions", nargs="+", default=["none", "zstd", "blosc"])
+    ap.add_argument("--compressions", nargs="+", default=["none", "zstd", "blosc", "blosc5"],
+                    help="codec[level]: none, zstd, blosc, blosc5 (blosc at level 5: the compact store's default)")
+    ap.add_argument("--pixels", choices=("random", "photo"), default="random",
+                    help="student pixels: uniform noise (incompressible) or crops of real photos")
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), help="the first is the baseline")
     ap.add_argument("--no-compact", dest="compact", action="store_false",
@@ -157,12 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(root, ignore_errors=True)
             # The trainer's read: CLS features too (loss.cls_weight > 0 by default), no views or labels.
             stores[(dtype, comp)] = build_store(root, dtype, comp, args.samples, args.unit_samples, args.dim, [
-                f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch * 4}"])
+                f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch * 4}"], pixels=args.pixels)
     if args.compact:
         for comp in args.compressions:
             if ("float16", comp) in stores:
                 stores[("compact", comp)] = build_compact(stores[("float16", comp)]["cfg"], out / f"compact-{comp}",
-                                                          args.samples)
+                                                          args.samples, comp)
     variants = [(e, d, c, w) for (d, c) in stores for w in args.workers for e in args.engines]
     runs: dict[tuple, list[dict]] = {v: [] for v in variants}
     for _ in range(args.repeats):
@@ -183,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["samples_per_wall_s"][key] = spw
         res["mb_per_cpu_s"][key] = spc * bpv / 1e6
         res["bytes_per_view"][f"{d}/{c}"] = bpv
+        res.setdefault("write_s", {})[f"{d}/{c}"] = stores[(d, c)]["write_s"]  # wall: noisy when shared
         res["runs"][key] = runs[v]
         base = res["samples_per_cpu_s"][f"{args.engines[0]}/{d}/{c}/w{w}"]
         rows.append((e, d, c, w, spc, spw, spc * bpv / 1e6, bpv / 1e3, spc / base))
@@ -197,14 +246,24 @@ def main(argv: list[str] | None = None) -> dict:
     res["best_float16_samples_per_cpu_s"] = max(f16) if f16 else None
     ratios = {c: res["bytes_per_view"][f"compact/{c}"] / res["bytes_per_view"][f"float16/{c}"]
               for c in args.compressions if f"compact/{c}" in res["bytes_per_view"]}
-    if ratios:  # the compact store's bytes per view over today's float16 store's, same compression
-        res["compact_over_float16_ratio"] = ratios.get("zstd", next(iter(ratios.values())))
+    if ratios:  # the compact store's bytes per view over today's float16 store's
+        from distill.compact import COMPRESSION, COMPRESSION_LEVEL
+        shipped = f"{COMPRESSION}{COMPRESSION_LEVEL}"  # the codec distill/compact.py writes by default
+        today = res["bytes_per_view"].get("float16/zstd")  # pipeline.toml's store: zstd level 3
+        if today and f"compact/{shipped}" in res["bytes_per_view"]:
+            res["compact_over_float16_ratio"] = res["bytes_per_view"][f"compact/{shipped}"] / today
+            res["compact_over_float16_ratio_of"] = f"compact/{shipped} over float16/zstd"
+        else:
+            res["compact_over_float16_ratio"] = ratios.get("zstd", next(iter(ratios.values())))
+            res["compact_over_float16_ratio_of"] = "compact over float16, equal codecs"
         res["compact_over_float16_ratio_by_compression"] = ratios
         # ImageNet-1k totals: 1,281,167 images x 2 stored views
         res["imagenet1k_tb"] = {k: v * 1_281_167 * 2 / 1e12 for k, v in res["bytes_per_view"].items()}
-        print("compact / float16 bytes per view: " + ", ".join(f"{c} {r:.3f}" for c, r in ratios.items()))
+        print("compact / float16 bytes per view at equal codecs: " + ", ".join(f"{c} {r:.3f}" for c, r in ratios.items())
+              + f"; compact_over_float16_ratio ({res['compact_over_float16_ratio_of']}) "
+              f"{res['compact_over_float16_ratio']:.3f}")
     res.update(samples=args.samples, dim=args.dim, batch=args.batch, batches=args.batches, repeats=args.repeats,
-               engines=args.engines, cpus=os.cpu_count(), load_average=os.getloadavg())
+               engines=args.engines, pixels=args.pixels, cpus=os.cpu_count(), load_average=os.getloadavg())
     print_json("reader", res)
     if not args.out:
         shutil.rmtree(out, ignore_errors=True)

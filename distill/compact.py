@@ -24,16 +24,24 @@ import dataclasses
 import hashlib
 from typing import Any
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from distill.basis import effective_rank
 from store_schema.config import ConfigError, PipelineConfig
-from store_schema.store import FeatureStore, StoreError, TeacherMeta
+from store_schema.store import FeatureStore, StoreError, TeacherMeta, _group_exists
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
 ATTR = "comad_compact"
 MAP_GROUP = "compact_map"
+# The compact store's own codec (issue 14: <= 0.30 of a float16 zstd store's bytes). Lossless, and a
+# store written once and read every epoch: blosc (zstd after a byte shuffle) at level 5 separates
+# float16's sign/exponent bytes from its mantissa bytes in blocks large enough for zstd to find them
+# (15 % smaller features than plain zstd, decoded as fast; at level 3 blosc picks blocks too small
+# and saves no more than zstd: BENCHMARKS.md "Session 5: issue 14").
+COMPRESSION, COMPRESSION_LEVEL = "blosc", 5
 
 
 def compact_record(store: FeatureStore) -> dict[str, Any] | None:
@@ -82,14 +90,30 @@ def _maps_sha256(maps: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     return h.hexdigest()
 
 
+def check_new_root(dst_root: str, storage_options: dict | None = None) -> None:
+    """Refuse to write over anything: a compact store is a new store (FeatureStore.create would resume one)."""
+    path = Path(dst_root)
+    local_taken = "://" not in dst_root and (path.is_file() or (path.is_dir() and any(path.iterdir())))
+    if local_taken or _group_exists(dst_root, storage_options):
+        raise StoreError(f"{dst_root} already exists: choose a new --out, or delete it first")
+
+
 def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float16",
-                        storage_options: dict | None = None) -> dict[str, Any]:
-    """Write the compact store of cfg.store.root at dst_root; returns its provenance record."""
+                        storage_options: dict | None = None, compression: str = COMPRESSION,
+                        compression_level: int = COMPRESSION_LEVEL) -> dict[str, Any]:
+    """Write the compact store of cfg.store.root at dst_root (a new store, compressed with `compression`
+    at `compression_level`); returns its provenance record."""
     from distill.store_dataset import check_store_matches
     from store_schema.joint_stats import joint_stats_record
     src = check_store_matches(cfg, storage_options)
     if compact_record(src) is not None:
-        raise StoreError(f"{src.root} is already a compact store")
+        raise StoreError(f"{src.root} is already a compact store; pass the full store it was made from "
+                         f"({compact_record(src).get('source_root')}) as store.root")
+    limit = {"zstd": 22, "blosc": 9, "none": None}.get(compression, -1)  # none ignores its level
+    if limit == -1 or (limit is not None and not 0 <= compression_level <= limit):
+        raise ConfigError(f"compact store: compression {compression!r} level {compression_level}: choose none, "
+                          "zstd (level 0-22) or blosc (level 0-9)")
+    check_new_root(dst_root, storage_options)
     maps, width = fit_maps(cfg, src)
     teachers = list(cfg.distill_teachers)
     _, digest = src.units_digest()
@@ -97,7 +121,9 @@ def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float1
     rec = {"source_root": str(src.root), "source_fingerprint": src.fingerprint, "source_units_digest": digest,
            "source_joint_stats": joint_stats_record(src), "source_effective_ranks": ranks, **_map_fields(cfg, width),
            "maps_sha256": _maps_sha256(maps), "dtype": dtype}
-    dcfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=dst_root, dtype=dtype))
+    dcfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=dst_root, dtype=dtype,
+                                                              compression=compression,
+                                                              compression_level=compression_level))
     metas = {t: TeacherMeta(width, src.teacher_meta(t).tokens, src.teacher_meta(t).weights_sha256) for t in teachers}
     dst = FeatureStore.create(dst_root, dcfg, metas, storage_options=storage_options)
     dst.group.attrs.put({"comad": dst.meta, ATTR: {**rec, "status": "writing"}})
@@ -186,22 +212,41 @@ def install_identity_adapters(model) -> None:
             norm.std.fill_(1.0)
 
 
+def add_arguments(ap) -> None:
+    """The options of `python -m distill.compact` and `comad-store compact` (one argparse parser)."""
+    ap.add_argument("--config", required=True, help="the configuration training uses; store.root is the full store")
+    ap.add_argument("--out", required=True, help="root of the compact store to write (a new store)")
+    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    ap.add_argument("--compression", default=COMPRESSION, choices=("none", "zstd", "blosc"),
+                    help=f"codec of the compact store (default {COMPRESSION}: zstd after a byte shuffle)")
+    ap.add_argument("--compression-level", type=int, default=COMPRESSION_LEVEL,
+                    help=f"default {COMPRESSION_LEVEL}")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def run(args) -> dict[str, Any]:
+    """Write the compact store that parsed arguments (add_arguments', or `comad-store compact`'s, where an
+    unset option is None = the default here) describe; returns a summary of its record."""
+    from store_schema.config import load_config
+    cfg = load_config(args.config, args.set)
+    dtype = args.dtype or "float16"
+    comp = args.compression or COMPRESSION
+    level = COMPRESSION_LEVEL if args.compression_level is None else args.compression_level
+    rec = write_compact_store(cfg, args.out, dtype=dtype, storage_options=cfg.store.storage_options or None,
+                              compression=comp, compression_level=level)
+    return {"out": args.out, **{k: rec[k] for k in ("source_root", "adapter_init", "target_dim", "maps_sha256",
+                                                     "dtype")}, "compression": comp, "compression_level": level}
+
+
 def main(argv: list[str] | None = None) -> int:
     """python -m distill.compact --config pipeline.toml --out ROOT [--dtype float16] [--set k=v ...]"""
     import argparse
     import json
 
-    from store_schema.config import load_config
     ap = argparse.ArgumentParser(prog="python -m distill.compact", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--out", required=True, help="root of the compact store to write (a new store)")
-    ap.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    rec = write_compact_store(cfg, args.out, dtype=args.dtype, storage_options=cfg.store.storage_options or None)
-    print(json.dumps({k: rec[k] for k in ("source_root", "adapter_init", "target_dim", "maps_sha256", "dtype")}))
+    add_arguments(ap)
+    print(json.dumps(run(ap.parse_args(argv))))
     return 0
 
 

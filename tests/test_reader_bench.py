@@ -28,3 +28,27 @@ def test_bench_reader_reports_the_compact_store(tmp_path, capsys):
     # 96-d teachers mapped to the 192-d student width: the "compact" store is larger here, and says so
     assert res["compact_over_float16_ratio"] > 1
     assert "compact_over_float16_ratio" in capsys.readouterr().out
+
+
+def test_the_ratio_is_the_shipped_compact_codec_over_todays_store(tmp_path):
+    from distill.compact import COMPRESSION, COMPRESSION_LEVEL
+    shipped = f"{COMPRESSION}{COMPRESSION_LEVEL}"
+    res = main(["--quick", "--dim", "96", "--samples", "16", "--unit-samples", "8", "--batch", "4",
+                "--batches", "1", "--repeats", "1", "--dtypes", "float16", "--compressions", "zstd", shipped,
+                "--workers", "0", "--engines", "direct", "--out", str(tmp_path)])
+    b = res["bytes_per_view"]
+    assert res["compact_over_float16_ratio_of"] == f"compact/{shipped} over float16/zstd"
+    assert res["compact_over_float16_ratio"] == b[f"compact/{shipped}"] / b["float16/zstd"]
+    assert res["compact_over_float16_ratio_by_compression"]["zstd"] == b["compact/zstd"] / b["float16/zstd"]
+    # the shipped codec (byte shuffle, blocks large enough) stores the same float16 features in fewer bytes
+    assert b[f"float16/{shipped}"] < b["float16/zstd"] and b[f"compact/{shipped}"] < b["compact/zstd"]
+    assert set(res["write_s"]) == set(b)
+
+
+def test_photo_pixels_compress_and_noise_does_not(tmp_path):
+    common = ["--quick", "--dim", "16", "--samples", "8", "--unit-samples", "8", "--batch", "4", "--batches", "1",
+              "--repeats", "1", "--dtypes", "float16", "--compressions", "zstd", "--workers", "0", "--engines",
+              "direct", "--no-compact"]
+    noise = main([*common, "--out", str(tmp_path / "noise")])["bytes_per_view"]["float16/zstd"]
+    photo = main([*common, "--pixels", "photo", "--out", str(tmp_path / "photo")])
+    assert photo["pixels"] == "photo" and photo["bytes_per_view"]["float16/zstd"] < 0.97 * noise
