@@ -135,7 +135,10 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec option, repeatable (e.g. endpoint_url=http://127.0.0.1:9000)")
+    _add_compact_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "compact":
+        return _compact(args)
     options = parse_storage_options(args.storage_option)
     try:
         try:  # a wrong endpoint, a missing bucket, no credentials: said as such, not as "no store here"
@@ -181,6 +184,42 @@ def _joint_stats(args: argparse.Namespace, options: dict[str, Any] | None) -> in
     else:
         print(f"{args.root}: cross-teacher statistics of {', '.join(record['teachers'])} from {record['samples']} "
               f"samples ({record['count']} co-visible tokens) written to {GROUP}/")
+    return 0
+
+
+def _add_compact_parser(sub: Any) -> None:
+    p = sub.add_parser("compact", help="write a compact store: the full store's features mapped by the frozen "
+                                       "adapter basis training fits (4x fewer feature bytes at ViT-B)")
+    p.add_argument("--config", required=True, help="the configuration training uses; its store.root is the full store")
+    p.add_argument("--out", required=True, help="root of the compact store to write (a new store)")
+    p.add_argument("--dtype", choices=("float16", "float32"), help="default float16")
+    p.add_argument("--compression", choices=("none", "zstd", "blosc"), help="default blosc (zstd after a byte shuffle)")
+    p.add_argument("--compression-level", type=int, help="default 5")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _compact(args: argparse.Namespace) -> int:
+    """comad-store compact: distill/compact.py writes the store; any refusal is one line, exit 2."""
+    from .config import ConfigError
+    args.root = args.out  # what _fail reports
+    try:
+        # Imported here, not at the top: distill imports store_schema (not the other way round at import
+        # time), and it loads torch and the model, which no other comad-store command needs.
+        from distill import compact
+        summary = compact.run(args)
+    except (ConfigError, StoreError, StoreMismatchError) as e:
+        _fail(args, f"compact: {e}")
+        return 2
+    except OSError as e:
+        _fail(args, f"compact: {explain(args.out, e) or e}")
+        return 2
+    if args.json:
+        print(json.dumps({"root": args.out, "ok": True, **summary}, indent=2))
+    else:
+        print(f"{args.out}: compact store of {summary['source_root']} written ({summary['adapter_init']} basis, "
+              f"{summary['target_dim']}-d {summary['dtype']}, {summary['compression']} level "
+              f"{summary['compression_level']})")
     return 0
 
 
