@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GATE_VARIANTS = ("joint", "mean", "affinity", "agreement")
+from store_schema.choices import GATE_VARIANTS  # defined once: gate.variant's choices in the config are these
 
 
 def _check_args(query: Tensor, targets: Tensor, visible: Tensor, variant: str, temperature: float,

@@ -26,9 +26,9 @@ from distill.student import build_student
 from extract.shards import Skipped, expand_urls, iter_tar
 from extract.teachers import load_teacher
 from extract.vit_forward import forward_visible
+from store_schema.choices import FEATURES  # eval.features' choices, defined once
 from store_schema.config import PipelineConfig, load_config
 
-FEATURES = ("cls", "mean_patch")
 MAX_EXAMPLES = 20  # skipped samples listed by name in a report; the counts are always complete
 INTERPOLATION = "bicubic"  # DINO's eval resize (torchvision interpolation=3)
 

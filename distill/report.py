@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.evaluate import FEATURES
 from distill.sweep import GATE_PREFIX, LOSS_COLUMNS, PROTOCOL, SWEEP_CONFIG
+from store_schema.choices import FEATURES
+
 LOSS_KEYS = tuple(k for k in LOSS_COLUMNS if k.startswith("loss"))
 REPORT_FILE = "report.png"
 

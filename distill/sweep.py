@@ -26,6 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from store_schema.choices import FEATURES
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml, load_config, read_toml
 
 # Columns of the table, in order; eval numbers and gate weights are appended as they appear.
@@ -146,8 +147,6 @@ def _evaluate(cfg, checkpoint: str | None) -> dict[str, Any]:
 
 def eval_columns(result: dict[str, Any]) -> dict[str, Any]:
     """An evaluate_model result as row cells: 'feature/metric' accuracies, and the protocol (not a column)."""
-    from distill.evaluate import FEATURES
-
     out: dict[str, Any] = {"eval": "ok"}
     for feature in FEATURES:  # not every dict of the result: its protocol has a "linear" entry too
         if isinstance(result.get(feature), dict):

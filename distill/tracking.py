@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from store_schema.choices import FEATURES
 from store_schema.config import PipelineConfig, config_to_dict, dumps_toml
 
 PROJECT = "tensorboard"  # accelerate's project name = the TensorBoard directory under run_dir
@@ -60,8 +61,6 @@ def log_eval(cfg: PipelineConfig, run_dir: str | Path, step: int, model: str, re
         from torch.utils import tensorboard  # noqa: F401 -- the tracker needs it; absent: nothing to log to
     except ImportError:
         return
-    from distill.evaluate import FEATURES
-
     values = {f"eval/{model}/{f}/{m}": float(v) for f in FEATURES if isinstance(result.get(f), dict)
               for m, v in result[f].items()}
     tracker = TensorBoardTracker(PROJECT, str(run_dir))

@@ -24,6 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from extract.vit_forward import check_supported_vit
+from store_schema.choices import CHECKPOINT_FORMATS as FORMATS  # local-file formats (the config adds "timm")
 from store_schema.config import TeacherConfig
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
     "save_in_official_format",
     "state_dict_sha256",
 ]
-
-FORMATS = ("mae", "mocov3", "ibot", "state_dict")
 
 
 def build_vit(arch: str, arch_kwargs: dict, image_size: int, patch_size: int) -> VisionTransformer:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import zarr.codecs as zc
 
-FEATURE_DTYPES = ("float32", "float16", "int8")
-COMPRESSIONS = ("zstd", "blosc", "none")
+from store_schema.choices import COMPRESSIONS, FEATURE_DTYPES  # defined once (store.dtype, store.compression)
 
 
 def compressors_for(compression: str, level: int) -> tuple:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store_schema import choices
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key and what to do."""
@@ -195,21 +197,20 @@ class PipelineConfig:
         return list(self.train.teachers) or list(self.teachers)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "views.interpolation": ("bilinear", "bicubic"),
-    "teachers.*.format": ("timm", "mae", "mocov3", "ibot", "state_dict"),
-    "store.dtype": ("float32", "float16", "int8"),
-    "store.compression": ("zstd", "blosc", "none"),
-    "heads.adapter_init": ("cca", "pca", "random"),
-    "heads.fusion": ("target", "loss"),
-    "heads.collapse_action": ("stop", "warn"),
-    "gate.variant": ("joint", "mean", "affinity", "agreement"),
-    "gate.prior": ("none", "rankme"),
-    "train.mixed_precision": ("auto", "bf16", "no"),
-    "train.targets": ("store", "online"),
-    # accelerate's LoggerType names ("all" left out: it would start every tracker that happens to be installed)
-    "train.trackers": ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"),
-    "eval.features": ("cls", "mean_patch"),
+CHOICES: dict[str, tuple[str, ...]] = {  # each set is defined once, in store_schema/choices.py
+    "views.interpolation": choices.INTERPOLATIONS,
+    "teachers.*.format": choices.TEACHER_FORMATS,
+    "store.dtype": choices.FEATURE_DTYPES,
+    "store.compression": choices.COMPRESSIONS,
+    "heads.adapter_init": choices.ADAPTER_INITS,
+    "heads.fusion": choices.FUSIONS,
+    "heads.collapse_action": choices.COLLAPSE_ACTIONS,
+    "gate.variant": choices.GATE_VARIANTS,
+    "gate.prior": choices.GATE_PRIORS,
+    "train.mixed_precision": choices.MIXED_PRECISIONS,
+    "train.targets": choices.TARGET_SOURCES,
+    "train.trackers": choices.TRACKERS,
+    "eval.features": choices.FEATURES,
 }
 
 
@@ -421,9 +422,11 @@ def validate(cfg: PipelineConfig) -> None:
     check(math.isfinite(h.collapse_min_std) and h.collapse_min_std >= 0,
           f"heads.collapse_min_std = {h.collapse_min_std} must be >= 0 (0 disables the collapse check)")
     check(h.collapse_patience >= 1, f"heads.collapse_patience = {h.collapse_patience} must be >= 1")
-    check(cfg.gate.temperature > 0, "gate.temperature must be > 0")
+    for key, tau in (("gate.temperature", cfg.gate.temperature), ("loss.token_temperature", cfg.loss.token_temperature),
+                     ("loss.map_temperature", cfg.loss.map_temperature),
+                     ("eval.knn_temperature", cfg.eval.knn_temperature)):
+        errors += [e for e in [choices.temperature_error(tau, key)] if e]
     lo = cfg.loss
-    check(lo.token_temperature > 0 and lo.map_temperature > 0, "loss temperatures must be > 0")
     check(lo.token_weight >= 0 and lo.map_weight >= 0 and lo.token_weight + lo.map_weight > 0,
           "loss.token_weight and loss.map_weight must be >= 0 and not both 0")
     check(math.isfinite(lo.cls_weight) and lo.cls_weight >= 0, f"loss.cls_weight = {lo.cls_weight} must be >= 0")
@@ -447,7 +450,6 @@ def validate(cfg: PipelineConfig) -> None:
     check(len(set(tr.teachers)) == len(tr.teachers), "train.teachers lists a teacher twice")
     e = cfg.eval
     check(all(k >= 1 for k in e.knn_k) and len(e.knn_k) > 0, "eval.knn_k must list positive integers")
-    check(e.knn_temperature > 0, "eval.knn_temperature must be > 0")
     check(e.batch_size >= 1 and e.probe_batch_size >= 1 and e.probe_epochs >= 0, "eval batch sizes >= 1")
     check(0 < e.crop_fraction <= 1, f"eval.crop_fraction = {e.crop_fraction} must be in (0, 1] (DINO: 0.875; "
                                     "1 resizes the shorter side straight to data.image_size)")

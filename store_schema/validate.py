@@ -15,7 +15,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ShardingCodec
 
-from .codec import FEATURE_DTYPES, decode_features
+from .choices import FEATURE_DTYPES
+from .codec import decode_features
 from .config import ConfigError, config_from_dict
 from .fingerprint import SCHEMA_VERSION
 from .inspection import FAILED, RUNS_GROUP, expected_arrays, failure_reason, object_sizes

@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.losses.token_kl import check_temperature, upcast
+from distill.losses.token_kl import upcast
+from store_schema.choices import check_temperature
 
 
 def _masked_log_softmax(x: Tensor, covered: Tensor, fill: Tensor) -> Tensor:

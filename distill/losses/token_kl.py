@@ -1,18 +1,11 @@
 """Token-level KL: per student-visible token, a softmax over channels (DESIGN §7, L_tok)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def check_temperature(temperature: float, name: str) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {temperature!r}")
-    return float(temperature)
+from store_schema.choices import check_temperature  # the one temperature rule (the config applies it too)
 
 
 def upcast(x: Tensor) -> Tensor:
