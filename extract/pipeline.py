@@ -62,6 +62,7 @@ from store_schema.inspection import RUNS_GROUP
 from store_schema.joint_stats import fit_joint_stats
 from store_schema.lock import acquire_writer_lock, release_writer_lock, remove_dead_writer_temporaries
 from store_schema.oserrors import STORE_OS_ERRORS, explain, raise_store_error
+from store_schema.skips import SkipKind
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
 from store_schema.writer import TeacherRows, UnitRows
 
@@ -255,27 +256,27 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
         for chunk in chunks:
             url = chunk.url
             if chunk.error is not None:
-                writer.put(("fail", url, chunk.error))
+                writer.fail(url, chunk.error)
                 out["failed"].append({"url": url, "reason": chunk.error})
                 progress.tar_done(out["images"])
                 continue
             if url not in out["opened"]:
                 out["opened"].add(url)
-                writer.put(("open", url))
+                writer.open(url)
             out["notes"] += [f"{url}[{i}] {key}: {note}" for i, key, note in chunk.notes]
             for i, key, note in chunk.notes:
-                writer.put(("note", url, i, key, note))
+                writer.note(url, i, key, note)
             rows, bad = _teacher_rows(cfg, models, chunk) if chunk.keys else (None, [])
-            for index, key, reason in chunk.skips + bad:
-                writer.put(("skip", url, index, key, reason))
-                out["reasons"][_reason_kind(reason)] += 1
+            for index, key, kind, reason in chunk.skips + bad:
+                writer.skip(url, index, key, reason, kind)
+                out["reasons"][kind.value] += 1
             skipped += len(chunk.skips) + len(bad)
             if rows is not None and len(rows):
-                writer.put(("rows", url, rows))
+                writer.rows(url, rows)
                 out["images"] += len(rows)
                 stored += len(rows)
             if chunk.last:
-                writer.put(("commit", url, chunk.source))
+                writer.commit(url, chunk.source)
                 progress.tar_done(out["images"])
                 _check_failures(cfg, stored, skipped)
     except BaseException as e:
@@ -332,18 +333,9 @@ def _teacher_rows(cfg: PipelineConfig, models: dict[str, torch.nn.Module], c: Ch
         keys=[k for k, ok in zip(c.keys, keep) if ok], index=c.index[keep], label=c.label[keep], views=c.views[keep],
         student_idx=c.student_idx[keep], student_pixels=c.student_pixels.numpy()[keep],
         teachers={t: TeacherRows(r.idx[keep], r.patch[keep], r.cls[keep]) for t, r in feats.items()})
-    skips = [(int(c.index[i]), c.keys[i], f"non-finite features from teacher(s) {', '.join(ts)}")
+    skips = [(int(c.index[i]), c.keys[i], SkipKind.NON_FINITE, f"non-finite features from teacher(s) {', '.join(ts)}")
              for i, ts in sorted(bad.items())]
     return rows, skips
-
-
-_REASON_KINDS = ("undecodable image", "decompression bomb", "no image member", "duplicate key", "duplicate member",
-                 "incomplete sample", "truncated or corrupt tar", "empty tar", "zero-size", "non-finite",
-                 "cannot make views")
-
-
-def _reason_kind(reason: str) -> str:
-    return next((k for k in _REASON_KINDS if k in reason), "other")
 
 
 # ---------------------------------------------------------------------------------------------- closing

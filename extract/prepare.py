@@ -20,6 +20,7 @@ from extract.views import apply_view, draw_view
 from extract.vit_forward import forward_visible, patchify
 from store_schema.config import PipelineConfig
 from store_schema.faults import fault_point
+from store_schema.skips import SkipKind
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Chunk:
     student_idx: np.ndarray | None = None  # (m, V, Ks) int64
     student_pixels: torch.Tensor | None = None  # (m, V, Ks, 3, p, p) uint8
     teacher_idx: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (m, V, Kt) int64
-    skips: list[tuple[int, str | None, str]] = field(default_factory=list)
+    skips: list[tuple[int, str | None, SkipKind, str]] = field(default_factory=list)  # (index, key, kind, reason)
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (index, key, note): kept, with a remark
     last: bool = False  # the tar ends here
     source: dict | None = None  # on the last chunk: the tar's size and mtime/ETag before it was read
@@ -94,7 +95,7 @@ def _chunk(url: str, done: list, skips: list, notes: list, last: bool, source: d
 def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterator[Chunk]:
     """Every sample of one tar, prepared, in order; the last chunk has last=True (or error set)."""
     done: list = []
-    skips: list[tuple[int, str | None, str]] = []
+    skips: list[tuple[int, str | None, SkipKind, str]] = []
     notes: list[tuple[int, str, str]] = []
     seen = 0
     options = cfg.data.storage_options
@@ -103,7 +104,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
         for item in iter_tar(url, cfg.data.max_image_pixels, options):
             seen += 1
             if isinstance(item, Skipped):
-                skips.append((item.index, item.key, item.reason))
+                skips.append((item.index, item.key, item.kind, item.reason))
                 continue
             fault_point("decode")
             if item.note:
@@ -111,7 +112,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
             try:
                 views = [prepare_view(cfg, item.image, item.key, v) for v in range(cfg.views.num_views)]
             except ValueError as e:  # e.g. a view box that rounds to nothing
-                skips.append((item.index, item.key, f"cannot make views: {e}"))
+                skips.append((item.index, item.key, SkipKind.NO_VIEWS, f"cannot make views: {e}"))
                 continue
             done.append(((item.index, item.key, item.label), views))
             if len(done) == samples_per_chunk:
@@ -121,7 +122,7 @@ def tar_chunks(cfg: PipelineConfig, url: str, samples_per_chunk: int) -> Iterato
         yield Chunk(url, [], last=True, error=str(e))
         return
     if seen == 0:
-        skips.append((0, None, "empty tar: no samples"))
+        skips.append((0, None, SkipKind.EMPTY_TAR, "empty tar: no samples"))
     yield _chunk(url, done, skips, notes, last=True, source=source)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 
 from store_schema.config import PipelineConfig
+from store_schema.skips import SkipKind
 from store_schema.storage import is_pipe, url_to_fs
 from store_schema.store import FeatureStore, StoreError, unit_name
 
@@ -102,7 +103,7 @@ def exclude_duplicate_keys(store: FeatureStore, urls: list[str], new_units: list
             else:
                 first[key] = f"{name} ({rec.get('source', '?')})"
         if rows:
-            store.exclude_rows(name, rows, reasons)
+            store.exclude_rows(name, rows, reasons, SkipKind.DUPLICATE_KEY)
             n += len(rows)
     return n
 

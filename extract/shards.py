@@ -46,6 +46,7 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from store_schema.skips import SkipKind
 from store_schema.storage import PipeReader, open_input, options_for, remote_problem
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
@@ -70,7 +71,15 @@ class ShardReadError(Exception):
 
 
 class ImageDecodeError(ValueError):
-    """Image bytes that cannot become an RGB image; the message is the reason recorded for the sample."""
+    """Image bytes that cannot become an RGB image; the message is the reason recorded for the sample,
+    `kind` what is counted."""
+
+    def __init__(self, message: str, kind: SkipKind = SkipKind.UNDECODABLE_IMAGE) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` across processes
+        return (type(self), (str(self), self.kind))
 
 
 @dataclass
@@ -88,7 +97,8 @@ class Skipped:
     url: str
     index: int
     key: str | None  # None when the damage is not attributable to one sample
-    reason: str
+    kind: SkipKind  # what is counted
+    reason: str  # what is shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ class _Group:
     index: int
     members: dict[str, bytes] = field(default_factory=dict)  # extension -> data
     names: list[str] = field(default_factory=list)
-    problem: str | None = None
+    problem: tuple[SkipKind, str] | None = None
 
 
 def iter_tar(url: str, max_image_pixels: int, storage_options: dict | None = None,
@@ -238,7 +248,7 @@ def _iter_stream(url: str, fobj, max_image_pixels: int) -> Iterator[Sample | Ski
             if group is None:
                 group = _Group(key, index)
             if ext in group.members and group.problem is None:
-                group.problem = f"duplicate member {info.name!r} in sample"
+                group.problem = (SkipKind.DUPLICATE_MEMBER, f"duplicate member {info.name!r} in sample")
             group.members.setdefault(ext, data)
             group.names.append(info.name)
             tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the tar
@@ -249,10 +259,11 @@ def _iter_stream(url: str, fobj, max_image_pixels: int) -> Iterator[Sample | Ski
             if reading is not None and reading != group.key:  # damage in the next sample: this one is whole
                 yield _finish(url, group, seen, max_image_pixels)
             else:  # damage in this sample's member, or in a header that may have been this sample's
-                yield Skipped(url, group.index, group.key,
+                yield Skipped(url, group.index, group.key, SkipKind.INCOMPLETE_SAMPLE,
                               "incomplete sample: the tar is truncated or corrupt while reading it")
             index += 1
-        yield Skipped(url, index, None, f"truncated or corrupt tar after {index} samples: {_describe(e)}")
+        yield Skipped(url, index, None, SkipKind.TRUNCATED_TAR,
+                      f"truncated or corrupt tar after {index} samples: {_describe(e)}")
         return
     except OSError as e:  # the file system failed mid-read (tarfile reports data damage as TarError)
         raise ShardReadError(f"I/O error reading input tar {url!r} after {index} samples: "
@@ -271,16 +282,18 @@ def _finish(url: str, g: _Group, seen: dict[str, int], max_image_pixels: int) ->
     """One complete sample group -> Sample, or Skipped with the reason."""
     first = seen.setdefault(g.key, g.index)
     if first != g.index:
-        return Skipped(url, g.index, g.key, f"duplicate key {g.key!r} in tar, first at index {first}")
+        return Skipped(url, g.index, g.key, SkipKind.DUPLICATE_KEY,
+                       f"duplicate key {g.key!r} in tar, first at index {first}")
     if g.problem is not None:
-        return Skipped(url, g.index, g.key, g.problem)
+        return Skipped(url, g.index, g.key, *g.problem)
     present = [ext for ext in IMAGE_EXTENSIONS if ext in g.members]
     if not present:
-        return Skipped(url, g.index, g.key, f"no image member (members: {', '.join(g.names)})")
+        return Skipped(url, g.index, g.key, SkipKind.NO_IMAGE_MEMBER,
+                       f"no image member (members: {', '.join(g.names)})")
     try:
         image = decode_image(g.members[present[0]], max_image_pixels)
     except ImageDecodeError as e:
-        return Skipped(url, g.index, g.key, f"{g.key}.{present[0]}: {e}")
+        return Skipped(url, g.index, g.key, e.kind, f"{g.key}.{present[0]}: {e}")
     notes = []
     if len(present) > 1:
         notes.append(f"{len(present)} image members ({', '.join(present)}): used {present[0]}")
@@ -329,20 +342,20 @@ def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"decompression bomb guard: {e}") from None
+        raise ImageDecodeError(f"decompression bomb guard: {e}", SkipKind.DECOMPRESSION_BOMB) from None
     except Exception as e:  # PIL raises many types on bad bytes (OSError, SyntaxError, struct.error, ...)
         raise ImageDecodeError(f"undecodable image: {type(e).__name__}: {e}") from None
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise ImageDecodeError(f"zero-size image ({w}x{h})")
+        raise ImageDecodeError(f"zero-size image ({w}x{h})", SkipKind.ZERO_SIZE)
     if w * h > max_image_pixels:
         raise ImageDecodeError(f"decompression bomb guard: {w}x{h} = {w * h} pixels exceeds "
-                               f"data.max_image_pixels = {max_image_pixels}")
+                               f"data.max_image_pixels = {max_image_pixels}", SkipKind.DECOMPRESSION_BOMB)
     try:
         im.load()
         return to_rgb(im)
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"decompression bomb guard: {e}") from None
+        raise ImageDecodeError(f"decompression bomb guard: {e}", SkipKind.DECOMPRESSION_BOMB) from None
     except Exception as e:
         raise ImageDecodeError(f"undecodable image ({im.format} {im.mode} {w}x{h}): "
                                f"{type(e).__name__}: {e}") from None

@@ -15,6 +15,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
 from .lock import LOCK_KEY
+from .skips import count_kinds
 from .store import TEACHER_ATTR, VIEW_PARAMS, FeatureStore
 
 RUNS_GROUP = "extract_runs"  # attrs["runs"]: comad-extract appends one summary (a dict) per finished run
@@ -58,7 +59,8 @@ def object_sizes(store: FeatureStore, prefix: str) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- inspect
 
 def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Numbers that describe a store: samples, views, teachers, dtype, sizes, units, skipped inputs.
+    """Numbers that describe a store: samples, views, teachers, dtype, sizes, units, skipped inputs
+    (each record, and `skipped_by_kind`: {kind: count}, store_schema/skips.py).
 
     Sizes count the data arrays of complete units: stored_bytes (chunk/shard files) against
     decoded_bytes (the arrays in memory); stored_fraction = stored / decoded; bytes_per_view =
@@ -83,6 +85,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
             decoded += u.n_samples * (V if per_view else 1) * math.prod(row) * np.dtype(dtype).itemsize
     total = sum(stored.values())
     per_view = lambda b: b / (rows * V) if rows else 0.0  # noqa: E731
+    skipped = store.skipped()
     return {
         "root": root, "schema_version": meta["schema_version"], "created": meta.get("created"),
         "samples": rows - sum(len(u.excluded_rows) for u in complete), "rows": rows, "views": V,
@@ -97,7 +100,7 @@ def inspect_store(root: str, storage_options: dict | None = None) -> dict[str, A
         "stored_fraction": total / decoded if decoded else 0.0,
         "bytes_per_view": per_view(total), "bytes_per_view_by_part": {k: per_view(b) for k, b in stored.items()},
         "stats_finalised": {t: _final_stats_state(store, t, digest) for t in store.teachers},
-        "skipped": store.skipped(), "sample_notes": store.sample_notes(),
+        "skipped": skipped, "skipped_by_kind": count_kinds(skipped), "sample_notes": store.sample_notes(),
         "runs": len(runs), "last_run": runs[-1] if runs else None,
         "lock": _read_lock(store),
     }

@@ -32,6 +32,7 @@ from .faults import fault_point
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
 from .oserrors import STORE_OS_ERRORS, raise_store_error
+from .skips import SkipKind, skip_record
 from .stats import RunningStats
 
 ROOT_ATTR, UNIT_ATTR, TEACHER_ATTR = "comad", "comad_unit", "comad_teacher"
@@ -420,15 +421,15 @@ class FeatureStore:
         self.group.attrs.put({ROOT_ATTR: meta_d})
         self.meta = meta_d
 
-    def exclude_rows(self, unit: str, rows: list[int], reasons: list[str]) -> None:
-        """Mark rows of a complete unit unusable (e.g. a key already stored by another unit)."""
+    def exclude_rows(self, unit: str, rows: list[int], reasons: list[str], kind: SkipKind | None = None) -> None:
+        """Mark rows of a complete unit unusable (e.g. a key already stored by another unit), each with its
+        reason; `kind`, the skip kind of all of them (without it the records read by their text)."""
         g = self.group[f"units/{unit}"]
         rec = dict(g.attrs)[UNIT_ATTR]
         keys = rec["keys"]
         rec["excluded_rows"] = sorted(set(rec.get("excluded_rows", [])) | set(rows))
         rec["skipped"] = rec.get("skipped", []) + [
-            {"index": int(self.array(f"units/{unit}/index")[r]), "key": keys[r], "reason": why}
-            for r, why in zip(rows, reasons)]
+            skip_record(int(self.array(f"units/{unit}/index")[r]), keys[r], why, kind) for r, why in zip(rows, reasons)]
         g.attrs.put({UNIT_ATTR: rec})
 
 

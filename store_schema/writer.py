@@ -17,6 +17,7 @@ from zarr.core.sync import sync
 
 from .codec import compressors_for, encode_features
 from .faults import fault_point
+from .skips import SkipKind, skip_record
 from .stats import RunningStats
 from .store import (TEACHER_ATTR, UNIT_ATTR, VIEW_PARAMS, FeatureStore, StoreError, UnitInfo, _check_indices,
                     local_dir, unit_name)
@@ -128,8 +129,9 @@ class UnitWriter:
         while self.buffered >= self.shard:
             self._flush(self.shard)
 
-    def skip(self, index: int, key: str | None, reason: str) -> None:
-        self.skips.append({"index": int(index), "key": key, "reason": reason})
+    def skip(self, index: int, key: str | None, reason: str, kind: SkipKind | None = None) -> None:
+        """An input not stored; `kind` is what is counted (without it the record reads by its text)."""
+        self.skips.append(skip_record(index, key, reason, kind))
 
     def note(self, index: int, key: str, note: str) -> None:
         """A stored sample with a remark (e.g. its `cls` was not a valid label, so it is stored as -1)."""
@@ -161,7 +163,7 @@ class UnitWriter:
             self.group.attrs.put({UNIT_ATTR: rec})
         return self.store.unit_info(self.name)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, kind: SkipKind | None = None) -> None:
         """Record that this unit could not be written and why; it stays incomplete (redone on resume).
 
         The unit's rows written so far are dropped: its group keeps only the record (status "failed",
@@ -175,7 +177,7 @@ class UnitWriter:
         _delete_dir(self.store, self.path)
         self.group = self.store.group["units"].create_group(self.name, attributes={UNIT_ATTR: {
             "source": self.source, "status": "failed", "n_samples": 0, "keys": [],
-            "skipped": [{"index": 0, "key": None, "reason": reason}]}})
+            "skipped": [skip_record(0, None, reason, kind)]}})
         self._arrays, self.buffer, self.buffered = {}, [], 0
 
     def _check(self, rows: UnitRows) -> None:
