@@ -184,8 +184,8 @@ def check_compact_training(cfg: PipelineConfig, store: FeatureStore) -> dict[str
                           + "\n  - ".join(diffs) + f"\nUse those settings, or train from {rec['source_root']}")
     if cfg.gate.prior != "none" and not isinstance(rec.get("source_effective_ranks"), dict):
         raise ConfigError(f"{store.root} is a compact store written before it recorded its source's effective "
-                          f"ranks, which gate.prior = {cfg.gate.prior!r} needs: write it again (python -m "
-                          f"distill.compact --config ... --out ...) from {rec['source_root']}, or set "
+                          f"ranks, which gate.prior = {cfg.gate.prior!r} needs: write it again (comad-store "
+                          f"compact --config ... --out ...) from {rec['source_root']}, or set "
                           "gate.prior = \"none\"")
     return rec
 
