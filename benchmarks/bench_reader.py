@@ -44,7 +44,7 @@ import psutil
 import torch
 
 from benchmarks.common import bench_config, print_json
-from distill.store_dataset import ENGINES, StoreBatches, make_loader
+from distill.store_dataset import StoreBatches, make_loader
 from store_schema.store import FeatureStore, TeacherMeta
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
@@ -157,12 +157,19 @@ def _cpu(proc: psutil.Process) -> float:
     return total
 
 
-def measure(cfg, engine: str, workers: int, batches: int, warmup: int) -> dict:
+# variant -> (read engine, reused shared buffers between loader workers and the trainer)
+READERS = {"zarr": ("zarr", False), "direct-nopool": ("direct", False), "direct": ("direct", True)}
+
+
+def measure(cfg, reader: str, workers: int, batches: int, warmup: int) -> dict:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=workers))
-    # The baseline is the code before issue 14 (zarr, int8 decoded in the reader with numpy); the others
-    # are the trainer's path now (int8 targets as int8 + scale, decoded on the device).
+    # The baseline is the code before issue 14 (zarr, int8 decoded in the reader with numpy, torch's
+    # transport); "direct" is the trainer's path now (int8 targets as int8 + scale, decoded on the
+    # device; workers hand batches over in reused buffers: distill/batch_pool.py), "direct-nopool" the
+    # same through torch's transport (a new shared buffer per batch).
+    engine, pool = READERS[reader]
     ds = StoreBatches(cfg, 0, 1, 0, engine=engine, int8_targets=engine != "zarr")
-    it = iter(make_loader(ds, workers))
+    it = iter(make_loader(ds, workers, pool=pool))
     for _ in range(warmup):  # worker start-up, first reads, page cache
         next(it)
     proc = psutil.Process()
@@ -188,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pixels", choices=("random", "photo"), default="random",
                     help="student pixels: uniform noise (incompressible) or crops of real photos")
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), help="the first is the baseline")
+    ap.add_argument("--engines", nargs="+", default=["zarr", "direct-nopool", "direct"], choices=list(READERS),
+                    help="the first is the baseline; direct-nopool runs with loader workers only")
     ap.add_argument("--no-compact", dest="compact", action="store_false",
                     help="skip the compact store (features mapped to the target width; distill/compact.py)")
     ap.add_argument("--out", default=None)
@@ -211,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
             if ("float16", comp) in stores:
                 stores[("compact", comp)] = build_compact(stores[("float16", comp)]["cfg"], out / f"compact-{comp}",
                                                           args.samples, comp)
-    variants = [(e, d, c, w) for (d, c) in stores for w in args.workers for e in args.engines]
+    # direct-nopool differs from direct only in how loader workers hand batches over
+    variants = [(e, d, c, w) for (d, c) in stores for w in args.workers for e in args.engines
+                if not (e == "direct-nopool" and w == 0)]
     runs: dict[tuple, list[dict]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from distill.batch_pool import BatchPool
 from store_schema.config import PipelineConfig
 from store_schema.fingerprint import TRAINING_FIELDS, StoreMismatchError, fingerprint_from_config
 from store_schema.store import FeatureStore, StoreError
@@ -98,6 +99,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.teachers = cfg.distill_teachers  # only these teachers' bytes are read
         self.read_cls = cfg.loss.cls_weight > 0
         chunk = int(store.meta["chunk_samples"])  # the store's own chunking, not this config's
+        self.batch_bytes = _batch_bytes_bound(store.meta, self.teachers, self.batch_size)
+        self.pool: BatchPool | None = None  # set by StoreLoader before it starts workers (distill/batch_pool.py)
 
         # Blocks are fixed here, from the units complete now: workers must not list units again, or
         # a store still being extended would give them different epochs.
@@ -145,6 +148,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
                                f"but runs with {running} DataLoader workers; use make_loader(dataset, {W})")
         epoch, b = divmod(self.start_step, self.steps_per_epoch)
         logical = (physical + b) % W
+        self._physical = physical
         skip = (b - logical + W - 1) // W  # batches i < b with i % W == logical: already trained on
         store = FeatureStore.open(self.root, storage_options=self.storage_options)  # in this process
         with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="store-read") as pool:
@@ -174,7 +178,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
             perm = np.random.default_rng([self.seed, _WINDOW, epoch, self.rank, a]).permutation(c - a)
             for s in range(drop * B, c - a, B):
                 take = perm[s:s + B]
-                yield _gather(parts, part_of[take], row_of[take])
+                yield _gather(parts, part_of[take], row_of[take], self.pool, self._physical)
             drop = 0
 
     def _read_window(self, store: FeatureStore, pool: ThreadPoolExecutor, order: np.ndarray, views: np.ndarray,
@@ -230,14 +234,37 @@ _TORCH_DTYPES = {np.dtype(d).str.lstrip("<|="): getattr(torch, d) for d in
                  ("uint8", "int8", "int32", "int64", "float16", "float32", "float64")}
 
 
-def _gather(parts: list[dict[str, Any]], part_of: np.ndarray, row_of: np.ndarray) -> dict[str, Any]:
+def _batch_bytes_bound(meta: dict[str, Any], teachers: list[str], batch: int) -> int:
+    """An upper bound of one batch's bytes (float32 targets, int8 scales, int64 indices, CLS, alignment):
+    the size of a BatchPool buffer. Pages of it a smaller batch never touches are never allocated."""
+    p, ks = int(meta["patch_size"]), int(meta["student_tokens"])
+    per = ks * 3 * p * p + ks * 8
+    for t in teachers:
+        kt, d = int(meta["teachers"][t]["tokens"]), int(meta["teachers"][t]["dim"])
+        per += kt * 8 + kt * d * 4 + d * 4 + kt * 4 + 4
+    return batch * per + 64 * (2 + 6 * len(teachers))
+
+
+def _gather(parts: list[dict[str, Any]], part_of: np.ndarray, row_of: np.ndarray, pool: BatchPool | None = None,
+            worker: int = 0) -> dict[str, Any]:
     """One batch: sample j = row row_of[j] of block part_of[j], leaf by leaf, copied once into a tensor.
 
-    In a loader worker the tensors are allocated in shared memory (as torch's own collate does), so
-    handing the batch to the trainer process copies nothing more.
+    In a loader worker with a pool the batch is gathered into one of the worker's reused shared buffers
+    and only its layout is returned (distill/batch_pool.py: StoreLoader turns it back into tensors).
+    Otherwise, in a worker, the tensors are allocated in new shared memory (as torch's own collate
+    does), so handing the batch to the trainer copies nothing more.
     """
     shared = torch.utils.data.get_worker_info() is not None
     pairs = list(zip(part_of.tolist(), row_of.tolist()))
+
+    def fill(o: np.ndarray, *xs: np.ndarray) -> None:
+        for j, (k, r) in enumerate(pairs):
+            o[j] = xs[k][r]
+
+    if shared and pool is not None:
+        packed = pool.pack(worker, parts, len(pairs), fill)
+        if packed is not None:
+            return packed
 
     def leaf(*xs: np.ndarray) -> torch.Tensor:
         x0 = xs[0]
@@ -249,9 +276,7 @@ def _gather(parts: list[dict[str, Any]], part_of: np.ndarray, row_of: np.ndarray
             out = t.new(storage).view(shape)
         else:
             out = torch.empty(shape, dtype=dtype)
-        o = out.numpy()
-        for j, (k, r) in enumerate(pairs):
-            o[j] = xs[k][r]
+        fill(out.numpy(), *xs)
         return out
 
     return _tree(leaf, *parts)
@@ -289,18 +314,53 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * x * x * scale.to(torch.float32).unsqueeze(-1)
 
 
-def make_loader(dataset: StoreBatches, num_workers: int) -> torch.utils.data.DataLoader:
-    """The DataLoader for `dataset`: whole batches from the dataset, workers taken round-robin.
+class StoreLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers hand batches over in reused shared buffers (distill/batch_pool.py).
+
+    Each iteration (which starts the workers) maps a new BatchPool first, so forked workers share it;
+    `last_pool` is that pool (its `pooled` / `fresh` counts say how batches arrived).
+    """
+
+    last_pool: BatchPool | None = None
+    use_pool = True  # False: torch's own transport (a new shared buffer per batch; the benchmark's baseline)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds = self.dataset
+        pool = None
+        if self.use_pool and self.num_workers > 0 and torch.multiprocessing.get_start_method() == "fork":
+            pool = BatchPool(self.num_workers, ds.batch_bytes, slots=self.prefetch_factor + 2)
+        ds.pool = self.last_pool = pool  # read by the workers forked below, never by this process
+        it = super().__iter__()
+        if pool is None:
+            return it
+        return self._unpacked(it, pool, self.pin_memory)
+
+    @staticmethod
+    def _unpacked(it: Iterator[Any], pool: BatchPool, pin: bool) -> Iterator[Any]:
+        from torch.utils.data._utils.pin_memory import pin_memory
+        for item in it:
+            batch = pool.unpack(item)
+            # A pooled batch reaches here unpinned (the loader's pin thread saw only its layout): pin it
+            # now, a copy, after which its buffer goes straight back to the worker.
+            yield pin_memory(batch) if pin and batch is not item else batch
+
+
+def make_loader(dataset: StoreBatches, num_workers: int, pool: bool = True) -> StoreLoader:
+    """The loader for `dataset`: whole batches from the dataset, workers taken round-robin.
 
     num_workers must be the train.num_workers the dataset was built with (0 and 1 both mean one
-    logical worker): the split of an epoch over workers, and so resuming, depends on it.
+    logical worker): the split of an epoch over workers, and so resuming, depends on it. With `pool`
+    (the default) workers hand batches over in reused shared buffers (StoreLoader), else through
+    torch's transport; the batches are the same either way.
     """
     if max(1, num_workers) != dataset.num_workers:
         raise ValueError(f"num_workers = {num_workers}, but the dataset was built for train.num_workers = "
                          f"{dataset.num_workers}; pass that, or rebuild the dataset")
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                       worker_init_fn=_lower_priority if num_workers else None)
+    loader = StoreLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         pin_memory=torch.cuda.is_available(),
+                         worker_init_fn=_lower_priority if num_workers else None)
+    loader.use_pool = pool
+    return loader
 
 
 _LOADER_NICE = 10
