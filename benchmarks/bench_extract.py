@@ -126,7 +126,8 @@ def bytes_per_view(cfg, src_root: str, out: Path) -> dict:
         pixel_bytes = sum(dir_bytes(p) for p in units.glob("*/student_pixels"))
         rest = dir_bytes(units) - stats - teacher_bytes - pixel_bytes
         res[dtype] = {"bytes_per_view": (teacher_bytes + pixel_bytes + rest) / views,
-                      "teacher_bytes_per_view": teacher_bytes / views, "student_pixel_bytes_per_view": pixel_bytes / views,
+                      "teacher_bytes_per_view": teacher_bytes / views,
+                      "student_pixel_bytes_per_view": pixel_bytes / views,
                       "stats_bytes_per_unit": stats / len(src.units())}
     return res
 

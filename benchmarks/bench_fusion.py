@@ -43,7 +43,9 @@ from typing import Any
 
 from benchmarks.common import print_json, print_table
 from benchmarks.complementary_teachers import TeacherRecipe, ensure_band_teachers, write_band_shards
+from distill.cli import main as distill_main
 from distill.sweep import run_sweep, write_tables
+from extract.cli import main as extract_main
 from store_schema.config import apply_override, config_from_dict, config_to_dict, dumps_toml, load_config
 
 FUSION_TOML = Path(__file__).with_name("fusion.toml")
@@ -114,8 +116,6 @@ def _run(main, argv: list[str]) -> float:
 
 def ensure_store(config: Path, out: Path, manifest: dict) -> float:
     """Extract once; a store written for other teacher weights is removed and re-extracted."""
-    from extract.cli import main as extract_main
-
     stamp = out / "store.teachers.json"
     want = {n: t["sha256"] for n, t in manifest["teachers"].items()}
     if (out / "store").exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != want):
@@ -127,8 +127,6 @@ def ensure_store(config: Path, out: Path, manifest: dict) -> float:
 
 def eval_baselines(config: Path, out: Path, teachers: list[str], seeds: list[int]) -> tuple[dict, dict]:
     """Each teacher's own eval (seed 0 probe) and a random-init student per seed -> ({teacher: eval}, {seed: eval})."""
-    from distill.cli import main as distill_main
-
     (out / "eval").mkdir(exist_ok=True)
     teacher_evals, random_evals = {}, {}
     for t in teachers:

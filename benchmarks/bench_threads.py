@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 BUSY = [sys.executable, "-c", "while True: pass"]
 

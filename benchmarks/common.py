@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
 
 
 def write_teacher_checkpoints(cfg: PipelineConfig, out: Path, seed: int = 0) -> list[str]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import hashlib
+import io
 import json
 import math
 import os
@@ -55,8 +56,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from distill.demo.digits_data import stratified_split, write_tar
@@ -111,8 +114,6 @@ def band_images(source: np.ndarray, bands: Sequence[Sequence[int]], size: int) -
     the whole digit): channel k is a function of the source rows of band k only (upsampling a whole image
     first would blur neighbouring rows into every band).
     """
-    from PIL import Image
-
     out = np.zeros((len(source), size, size, 3), np.uint8)
     for k, (a, b) in enumerate(check_bands(bands)):
         for i, img in enumerate(source):
@@ -124,17 +125,13 @@ def band_images(source: np.ndarray, bands: Sequence[Sequence[int]], size: int) -
 
 def digits_source() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits as uint8 (N, 8, 8) in 0..255 (as distill.demo.digits_data scales them) and labels (N,)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn is optional (the `extras`)
 
     d = load_digits()
     return np.clip(np.round(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8), d.target.astype(np.int64)
 
 
 def _png(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image, "RGB").save(buf, format="PNG", optimize=False)
     return buf.getvalue()
@@ -309,8 +306,7 @@ def train_band_teacher(tcfg: TeacherConfig, channel: int, image_size: int, patch
 
 def teachers_key(cfg: PipelineConfig, channels: Mapping[str, int], bands: Sequence[Sequence[int]],
                  r: TeacherRecipe) -> str:
-    import sklearn
-    import timm
+    import sklearn  # optional, as in digits_source
 
     spec = {"code": CODE_VERSION, "recipe": dataclasses.asdict(r), "channels": dict(sorted(channels.items())),
             "bands": [list(map(int, b)) for b in bands], "image_size": cfg.data.image_size,
@@ -341,7 +337,8 @@ def _train_all(cfg: PipelineConfig, channels: Mapping[str, int], bands: Sequence
     test_feats: dict[str, tuple[Tensor, Tensor]] = {}
     for name, tcfg in cfg.teachers.items():
         ch = channels[name]
-        log(f"teachers: training {name!r} on channel {ch} (band {bands[ch]}) of {len(train)} digits, {r.steps} steps ...")
+        log(f"teachers: training {name!r} on channel {ch} (band {bands[ch]}) of {len(train)} digits, "
+            f"{r.steps} steps ...")
         sd, info = train_band_teacher(tcfg, ch, cfg.data.image_size, cfg.data.patch_size, images[train],
                                       labels[train], r, log=log)
         file = f"{name}-state_dict.pth"

@@ -12,7 +12,21 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch.distributed as dist
+
+import distill.train as training  # module attributes, looked up at call time (tests patch distill.train.train)
+from distill.checkpoint import ResumeError
+from distill.collapse import TargetCollapseError
+from distill.evaluate import main_eval
+from distill.export import main_export
+from distill.report import main_report, report_run
+from distill.sweep import format_summary, parse_variant, read_variants_file, run_sweep
+from extract.shards import ShardReadError
 from store_schema.config import ConfigError, load_config
+from store_schema.oserrors import explain
+from store_schema.storage import storage_overrides
+from store_schema.store import StoreError
+from store_schema.threads import apply_threads
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -70,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _threads(args: argparse.Namespace, cfg=None) -> None:
     """Intra-op threads for this command (store_schema/threads.py), said once (rank 0)."""
-    from store_schema.threads import apply_threads
     if cfg is None and args.config:
         cfg = load_config(args.config, args.set)
     requested = cfg.train.threads if cfg is not None else 0
@@ -82,7 +95,6 @@ def _threads(args: argparse.Namespace, cfg=None) -> None:
 
 def _report(run_dir: Path) -> None:
     """The report PNG at the end of train / sweep; a plotting problem must not turn a finished run into an error."""
-    from distill.report import report_run
     try:
         print(f"report: {report_run(run_dir)}")
     except Exception as e:  # e.g. a broken matplotlib install: the weights and tables are written already
@@ -92,23 +104,19 @@ def _report(run_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "report":  # reads a run's files only: no config, storage options or threads
-        from distill.report import main_report
         main_report(args)
         return 0
-    from store_schema.storage import storage_overrides
     extra = storage_overrides(args.storage_option)  # before --set: an explicit --set still wins
     args.set = extra + ([] if args.threads is None else [f"train.threads={args.threads}"]) + list(args.set)
     if args.command == "train":
-        from distill.train import train
         cfg = load_config(args.config, args.set)
         _threads(args, cfg)
-        summary = train(cfg, resume=args.resume)
+        summary = training.train(cfg, resume=args.resume)
         if os.environ.get("RANK", "0") == "0":  # every process returns here: one line and one report
             print(f"trained {summary['run_dir']} to step {summary['step']}; checkpoint {summary['checkpoint']}")
             _report(Path(summary["run_dir"]))
         return 0
     if args.command == "sweep":
-        from distill.sweep import format_summary, parse_variant, read_variants_file, run_sweep
         variants = [(None, parse_variant(v)) for v in args.variant]
         if args.variants_file:
             variants += read_variants_file(args.variants_file)
@@ -122,12 +130,10 @@ def run(args: argparse.Namespace) -> int:
               + (f"; failed: {', '.join(failed)}" if failed else ""))
         return 1 if failed else 0
     if args.command == "eval":
-        from distill.evaluate import main_eval
         _threads(args)
         main_eval(args)
         return 0
     if args.command == "export":
-        from distill.export import main_export
         main_export(args)
         return 0
     raise AssertionError(args.command)  # argparse only accepts the subcommands above
@@ -135,23 +141,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distill.checkpoint import ResumeError
-    from distill.collapse import TargetCollapseError
-    from distill.train import NonFiniteLossError
-    from extract.shards import ShardReadError
-    from store_schema.store import StoreError
     user_errors = (ConfigError, StoreError, ResumeError, ShardReadError, ValueError, FileNotFoundError)
     try:
         return run(args)
-    except (NonFiniteLossError, TargetCollapseError, *user_errors) as e:
+    except (training.NonFiniteLossError, TargetCollapseError, *user_errors) as e:
         if os.environ.get("COMAD_TRACEBACK"):
             raise
         print(f"comad-distill {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, (NonFiniteLossError, TargetCollapseError)) else 2
+        return 1 if isinstance(e, (training.NonFiniteLossError, TargetCollapseError)) else 2
     except OSError as e:  # a run dir under a file, no permission, a full disk: the path and what to do
         if os.environ.get("COMAD_TRACEBACK"):
             raise
-        from store_schema.oserrors import explain
         where = getattr(e, "filename", None) or "the run directory"
         key = "train.run_dir" if args.command in ("train", "sweep") else "--out"
         print(f"comad-distill {args.command}: error: {explain(str(where), e, key=key)}", file=sys.stderr)
@@ -168,7 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _end_distributed() -> None:
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation (DESIGN §9): DINO's weighted kNN and a linear probe, on CLS or mean-patch features.
+"""Frozen-feature evaluation: DINO's weighted kNN and a linear probe, on CLS or mean-patch features.
 
 Features come from a labelled WebDataset (`cls` member = integer label) through a full forward (every
 token kept). The eval transform is DINO's: resize the shorter side to R = floor(S / c) (bicubic,
@@ -21,8 +21,10 @@ from timm.data import create_transform
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distill.checkpoint import read_meta
 from distill.export import load_export, load_student_from_checkpoint, resolve_checkpoint_dir, run_dir_of
 from distill.student import build_student
+from distill.tracking import log_eval
 from extract.shards import Skipped, expand_urls, iter_tar
 from extract.teachers import load_teacher
 from extract.vit_forward import forward_visible
@@ -299,7 +301,8 @@ def load_eval_model(cfg: PipelineConfig, *, checkpoint: str | Path | None = None
     given = [n for n, v in (("checkpoint", checkpoint), ("export", export), ("teacher", teacher),
                             ("random_init_seed", random_init_seed)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of --checkpoint, --export, --teacher, --random-init (got {given or 'none'})")
+        raise ValueError("give exactly one of --checkpoint, --export, --teacher, --random-init "
+                         f"(got {given or 'none'})")
     if checkpoint is not None:
         ckpt = resolve_checkpoint_dir(checkpoint)
         model = load_student_from_checkpoint(cfg, ckpt)
@@ -334,9 +337,6 @@ def evaluate_checkpoint(cfg: PipelineConfig, checkpoint_dir: str | Path) -> dict
 
 def _log_to_run(cfg: PipelineConfig, checkpoint: str | Path, result: dict) -> None:
     """A checkpoint's accuracies into its run's TensorBoard, at the checkpoint's step (distill/tracking.py)."""
-    from distill.checkpoint import read_meta
-    from distill.tracking import log_eval
-
     ckpt = resolve_checkpoint_dir(checkpoint)
     log_eval(cfg, run_dir_of(ckpt), int(read_meta(ckpt).get("step", 0)), result["model"], result)
 

@@ -2,9 +2,9 @@
 
 A trainer checkpoint (`run_dir/checkpoints/step_XXXXXXXX/`) holds the whole distiller state dict in
 model.safetensors; the student's weights are the keys under `student.`. The projector, decoder and
-adapters exist only for training and are dropped (DESIGN §5). The directory is timm's Hugging Face Hub
-layout (what `timm.models.push_to_hf_hub` uploads), so it loads as it is, with the trained input size
-and normalisation in its `pretrained_cfg`:
+adapters exist only for training and are dropped (stage 2's output is the student alone). The directory
+is timm's Hugging Face Hub layout (what `timm.models.push_to_hf_hub` uploads), so it loads as it is, with
+the trained input size and normalisation in its `pretrained_cfg`:
 
     model = timm.create_model("local-dir:<export dir>", pretrained=True)
     data_cfg = timm.data.resolve_data_config(model=model)    # input_size, mean/std, crop_pct as trained
@@ -31,6 +31,8 @@ from typing import Any
 
 import safetensors.torch
 from safetensors import SafetensorError
+import timm  # load_export builds the model the documented user way, so tests and evaluation use exactly it
+from timm.models._hub import generate_readme
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -181,8 +183,6 @@ def load_lines(out_dir: str | Path) -> str:
 
 def model_card(cfg: PipelineConfig, source: str) -> str:
     """README.md for the Hub: timm's model card generator, with the usage lines and the training facts."""
-    from timm.models._hub import generate_readme
-
     card = {
         "tags": ["image-feature-extraction", "timm", "comad", "knowledge-distillation"],
         "license": "other",  # the student inherits whatever the data and teachers allow; the user decides
@@ -223,8 +223,6 @@ def load_export(out_dir: str | Path) -> tuple[VisionTransformer, dict[str, Any]]
     """Load an export by arch + weights file (strict); returns (model in eval mode, its config.json).
 
     The data config comes from config.json here; a timm user gets the same from `local-dir:`."""
-    import timm  # the documented user path, kept here so tests and evaluation use exactly it
-
     out_dir = Path(out_dir)
     cfg_path, weights = out_dir / "config.json", out_dir / WEIGHTS_FILE
     if not cfg_path.is_file() or not weights.is_file():

@@ -1,4 +1,5 @@
-"""Training-only heads around the student (DESIGN §5): projector, masked decoder, teacher adapters.
+"""Training-only heads around the student: projector, masked decoder, teacher adapters (README, "How the
+teachers are fused").
 
 None of these is exported; the exported student is a plain timm ViT.
 """

@@ -21,6 +21,7 @@ from typing import Any
 
 from distill.sweep import GATE_PREFIX, LOSS_COLUMNS, PROTOCOL, SWEEP_CONFIG
 from store_schema.choices import FEATURES
+from store_schema.config import ConfigError, load_config
 
 LOSS_KEYS = tuple(k for k in LOSS_COLUMNS if k.startswith("loss"))
 REPORT_FILE = "report.png"
@@ -100,6 +101,7 @@ def _hbars(ax, names: list[str], series: list[tuple[str, list[float | None]]], x
 
 def report_figure(runs: dict[str, list[dict[str, Any]]], results: list[ModelResult], title: str):
     """The report as a matplotlib Figure (3 axes: losses, gate weights, accuracies); tests inspect it."""
+    # here: matplotlib is optional (the `extras`); a missing one fails `report` only (main_report says so)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -165,14 +167,13 @@ def write_report_png(path: str | Path, metrics: list[dict[str, Any]] | dict[str,
 
 def describe_config(path: Path) -> str:
     """'teachers -> student (steps, gate, fusion, adapters, size)' from a resolved config; '' if unreadable."""
-    from store_schema.config import ConfigError, load_config
-
     try:
         cfg = load_config(path)
     except ConfigError:
         return ""
     return (f"{', '.join(cfg.distill_teachers)} -> {cfg.student.arch} ({cfg.train.steps} steps, gate "
-            f"{cfg.gate.variant}, fusion {cfg.heads.fusion}, adapters {cfg.heads.adapter_init}, {cfg.data.image_size} px)")
+            f"{cfg.gate.variant}, fusion {cfg.heads.fusion}, adapters {cfg.heads.adapter_init}, "
+            f"{cfg.data.image_size} px)")
 
 
 def _run_results(run_dir: Path) -> list[ModelResult]:

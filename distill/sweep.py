@@ -26,6 +26,11 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
+import distill.evaluate as evaluation  # module attributes, looked up at call time (tests patch them)
+import distill.train as training
+from extract.shards import expand_urls
 from store_schema.choices import FEATURES
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml, load_config, read_toml
 
@@ -54,7 +59,8 @@ def read_variants_file(path: str | Path) -> list[tuple[str | None, list[str]]]:
     out = []
     for i, t in enumerate(tables):
         overrides = t.get("set")
-        if set(t) - {"name", "set"} or not isinstance(overrides, list) or not all(isinstance(s, str) for s in overrides):
+        if (set(t) - {"name", "set"} or not isinstance(overrides, list)
+                or not all(isinstance(s, str) for s in overrides)):
             raise ConfigError(f"{path}: variant #{i + 1} must have set = [\"section.key=value\", ...] and an "
                               f"optional name, got {t}")
         out.append((t.get("name"), [s for o in overrides for s in parse_variant(o)]))
@@ -72,8 +78,6 @@ def eval_unavailable(cfg) -> str | None:
     e = cfg.eval
     if not e.train_urls or not e.test_urls:
         return "eval.train_urls / eval.test_urls are empty"
-    from extract.shards import expand_urls
-    import fsspec
     for name, urls in (("eval.train_urls", e.train_urls), ("eval.test_urls", e.test_urls)):
         try:
             expanded = expand_urls(urls)
@@ -92,7 +96,6 @@ def eval_unavailable(cfg) -> str | None:
 def run_sweep(config: str | Path, variants: list[tuple[str | None, list[str]]], base_overrides: list[str] = (),
               resume: bool = False, baselines: bool = False) -> list[dict[str, Any]]:
     """Train (and evaluate) every variant in turn; returns one result row per variant (baseline rows first)."""
-    from distill.train import train
     if not variants:
         raise ConfigError("no variant given: pass --variant 'section.key=value;...' (repeatable) or --variants-file")
     base = load_config(config, list(base_overrides))
@@ -102,7 +105,8 @@ def run_sweep(config: str | Path, variants: list[tuple[str | None, list[str]]], 
     if dupes:
         raise ConfigError(f"variants {dupes} appear more than once: give them distinct names")
     # Every variant's config is loaded before anything trains, so a typo fails the sweep at once.
-    cfgs = [load_config(config, list(base_overrides) + o + [f"train.run_dir={json.dumps(str(sweep_dir / n))}"]) for n, o in named]
+    cfgs = [load_config(config, list(base_overrides) + o + [f"train.run_dir={json.dumps(str(sweep_dir / n))}"])
+            for n, o in named]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_CONFIG).write_text(dumps_toml(base), encoding="utf-8")
     rows: list[dict[str, Any]] = baseline_rows(base) if baselines else []
@@ -110,7 +114,7 @@ def run_sweep(config: str | Path, variants: list[tuple[str | None, list[str]]], 
         row: dict[str, Any] = {"variant": name, "overrides": "; ".join(overrides), "run_dir": cfg.train.run_dir}
         rows.append(row)
         try:
-            summary = train(cfg, resume=resume)
+            summary = training.train(cfg, resume=resume)
         except Exception as e:  # one diverging variant must not lose the others' results
             row["status"] = f"train failed: {type(e).__name__}: {e}"
             traceback.print_exc()
@@ -130,15 +134,10 @@ def _evaluate(cfg, checkpoint: str | None) -> dict[str, Any]:
     reason = eval_unavailable(cfg)
     if reason is None and checkpoint is None:
         reason = "no checkpoint was written"
-    if reason is None:
-        try:
-            from distill.evaluate import evaluate_checkpoint
-        except ImportError as e:
-            reason = f"distill.evaluate is not importable ({e})"
     if reason is not None:
         return {"eval": f"eval skipped: {reason}"}
     try:
-        result = evaluate_checkpoint(cfg, checkpoint)
+        result = evaluation.evaluate_checkpoint(cfg, checkpoint)
     except Exception as e:
         traceback.print_exc()
         return {"eval": f"eval failed: {type(e).__name__}: {e}"}
@@ -207,13 +206,11 @@ def baseline_rows(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 
 def _evaluate_baseline(cfg: PipelineConfig, which: str) -> dict[str, Any]:
-    from distill.evaluate import _device, evaluate_model, load_eval_model
-
     if which == "random-init":
-        model, mean, std, _ = load_eval_model(cfg, random_init_seed=cfg.seed)
+        model, mean, std, _ = evaluation.load_eval_model(cfg, random_init_seed=cfg.seed)
     else:
-        model, mean, std, _ = load_eval_model(cfg, teacher=which)
-    return evaluate_model(model.to(_device()), cfg, mean, std)
+        model, mean, std, _ = evaluation.load_eval_model(cfg, teacher=which)
+    return evaluation.evaluate_model(model.to(evaluation._device()), cfg, mean, std)
 
 
 def write_tables(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
@@ -281,7 +278,8 @@ def protocol_lines(p: dict[str, Any] | None) -> list[str]:
             f"({lin.get('epochs')} epochs, lr {lin.get('lr')}, weight decay {lin.get('weight_decay')}, batch "
             f"{lin.get('batch_size')}, seed {lin.get('seed')}).",
             f"Transform: shorter side to {tf.get('resize_shorter_side')}, centre crop {tf.get('crop')} "
-            f"({tf.get('interpolation')}). Data: {p.get('n_train')} train images ({', '.join(p.get('train_urls', []))}), "
+            f"({tf.get('interpolation')}). Data: {p.get('n_train')} train images "
+            f"({', '.join(p.get('train_urls', []))}), "
             f"{p.get('n_test')} test images ({', '.join(p.get('test_urls', []))}), {p.get('num_classes')} classes."]
 
 
@@ -297,7 +295,8 @@ def format_summary(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
     lines = [fmt(head), "-" * len(fmt(head))] + [fmt(b) for b in body]
     protocol = header_protocol(rows)
     lines.append("")
-    lines += [f"{r['variant']} was evaluated otherwise: {d}" for r in rows if (d := _differences(r.get(PROTOCOL), protocol))]
+    lines += [f"{r['variant']} was evaluated otherwise: {d}"
+              for r in rows if (d := _differences(r.get(PROTOCOL), protocol))]
     lines += [*protocol_lines(protocol),
               f"wrote {sweep_dir / 'sweep.md'} and {sweep_dir / 'sweep.csv'}"]
     return "\n".join(lines)

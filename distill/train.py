@@ -32,10 +32,13 @@ from distill.collapse import CollapseGuard
 from distill.compact import check_compact_training, install_compact_maps
 from distill.model import CoMADDistiller
 from distill.tracking import finish_trackers, start_trackers
-from distill.store_dataset import dequantize_targets
+from distill.store_dataset import StoreBatches, check_store_matches, dequantize_targets, make_loader
+from extract.online import LiveTeachers, online_loader
+from store_schema.collective import gather_objects as _all_gather
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point
 from store_schema.joint_stats import read_joint_stats
+from store_schema.storage import check_reachable
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,13 +138,7 @@ def _all_finite(loss: Tensor, accelerator: Accelerator) -> bool:
 def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
     """This rank's batches from global step `start_step` on (endless; order fixed by rank, world, workers)."""
     if cfg.train.targets == "online":
-        try:
-            from extract.online import online_loader
-        except ImportError as e:
-            raise RuntimeError("train.targets = \"online\" needs extract/online.py (OnlineBatches, LiveTeachers), "
-                               f"which is not importable here ({e}); use train.targets = \"store\"") from e
         return iter(online_loader(cfg, rank, world_size, start_step))
-    from distill.store_dataset import StoreBatches, make_loader
     # int8 stores: targets travel as int8 + scale and are decoded on the device (dequantize_targets below).
     dataset = StoreBatches(cfg, rank, world_size, start_step, storage_options=cfg.store.storage_options or None,
                            int8_targets=True)
@@ -153,14 +150,6 @@ def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: in
                            "store changed while training started (is comad-extract still running?); retry when "
                            "it has finished")
     return iter(make_loader(dataset, cfg.train.num_workers))
-
-
-def _all_gather(value: Any, world_size: int) -> list[Any]:
-    if world_size == 1 or not torch.distributed.is_initialized():
-        return [value]
-    out: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(out, value)
-    return out
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -180,8 +169,6 @@ def open_store(cfg: PipelineConfig):
     """The checked FeatureStore, or None when online targets need no statistics from it."""
     if cfg.train.targets == "online" and not needs_statistics(cfg):
         return None
-    from distill.store_dataset import check_store_matches
-    from store_schema.storage import check_reachable
     try:
         check_reachable(cfg.store.root, cfg.store.storage_options, "store.storage_options")  # one line, not "no store"
         return check_store_matches(cfg, cfg.store.storage_options or None)
@@ -306,7 +293,6 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     stats, joint = (None, None) if compact else target_statistics(cfg, store)
     live = None
     if cfg.train.targets == "online":
-        from extract.online import LiveTeachers
         live = LiveTeachers(cfg).to(accelerator.device)
         if dims is not None and dims != live.dims:
             raise RuntimeError(f"the live teachers' feature widths {live.dims} differ from the store's {dims}, "

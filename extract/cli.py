@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from extract.dry_run import dry_run, format_dry_run
 from extract.pipeline import ExtractionError, run_extraction
 from store_schema.config import ConfigError, load_config
 from store_schema.fingerprint import StoreMismatchError
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, extra + args.overrides)
         apply_threads(cfg.data.threads, cfg.data.num_workers, "data.threads", say=log.info)
         if args.dry_run:
-            from extract.dry_run import dry_run, format_dry_run
             report = format_dry_run(cfg, dry_run(cfg))  # under torchrun: every process checks, one prints
             if rank == 0:
                 print(report)

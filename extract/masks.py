@@ -1,4 +1,5 @@
-"""Seeded asymmetric masks (DESIGN §1): the student's visible tokens and each teacher's superset.
+"""Seeded asymmetric masks: the student's visible tokens and each teacher's superset (each teacher sees more
+context than the student: masks.student_visible < teachers.<name>.visible, README "The config file").
 
 Every random draw of the pipeline comes from a generator seeded by (global seed, sample key, view,
 role), so the same config re-extracts the same views and masks on any machine, in any order, in any

@@ -29,6 +29,7 @@ from extract.masks import generator_for
 from extract.pipeline import load_teachers
 from extract.prepare import prepare_view, teacher_forward
 from extract.shards import Sample, expand_urls, iter_tar
+from store_schema.collective import identity
 from store_schema.config import PipelineConfig
 
 
@@ -105,13 +106,9 @@ class OnlineBatches(IterableDataset):
         }
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
 def online_loader(cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0) -> DataLoader:
     """The DataLoader the trainer iterates: OnlineBatches with cfg.train.num_workers workers, no re-batching."""
-    return DataLoader(OnlineBatches(cfg, rank, world_size, start_step), batch_size=None, collate_fn=_identity,
+    return DataLoader(OnlineBatches(cfg, rank, world_size, start_step), batch_size=None, collate_fn=identity,
                       num_workers=cfg.train.num_workers, persistent_workers=False)
 
 

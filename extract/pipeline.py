@@ -1,9 +1,9 @@
 """Stage 1: run the teachers once over a WebDataset and write the feature store.
 
 The unit of work is one input tar: rank r of W processes takes tars r, r+W, ... whole, so no two
-processes ever write into one unit (DESIGN §4). Three things overlap: DataLoader workers decode tars
-and prepare views, masks and student pixels; the main thread runs the teachers; a background thread
-writes the units (zarr compression and I/O; extract/writer_thread.py).
+processes ever write into one unit (the store's write rules: store_schema/README.md). Three things
+overlap: DataLoader workers decode tars and prepare views, masks and student pixels; the main thread runs
+the teachers; a background thread writes the units (zarr compression and I/O; extract/writer_thread.py).
 
 Decisions a user meets:
 - A complete unit is skipped on a rerun (resume); an incomplete one is redone from scratch.
@@ -55,6 +55,7 @@ from extract.resume import changed_sources, exclude_duplicate_keys, settle_confi
 from extract.inputs import check_locations
 from extract.teachers import load_teacher
 from extract.writer_thread import BackgroundWriter, ExtractionError
+from store_schema.collective import gather_objects, identity
 from store_schema.config import ConfigError, PipelineConfig
 from store_schema.faults import fault_point
 from store_schema.fingerprint import StoreMismatchError, diff_fingerprints, fingerprint_from_config
@@ -74,10 +75,6 @@ COLLECTIVE_TIMEOUT = timedelta(days=7)
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-def _identity(x: Any) -> Any:
-    return x
-
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode with PIL; torch threads would only fight the teachers for cores
@@ -103,21 +100,13 @@ def _init_distributed() -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), own
 
 
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj, group=_GROUP)
-    return out
-
-
 def _agree(fn: Callable[[], Any], world: int) -> Any:
     """Run fn on every rank; if it fails anywhere, every rank raises (no process is left waiting)."""
     try:
         out, err = fn(), None
     except Exception as e:  # noqa: BLE001 — re-raised below, after the other ranks know
         out, err = None, e
-    msgs = _gather(None if err is None else f"{type(err).__name__}: {err}", world)
+    msgs = gather_objects(None if err is None else f"{type(err).__name__}: {err}", world, _GROUP)
     if err is not None:
         raise err
     failed = [f"process {r}: {m}" for r, m in enumerate(msgs) if m]
@@ -182,7 +171,7 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     models, metas = _agree(lambda: load_teachers(cfg, device), world)
-    run_id = _gather(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", world)[0]
+    run_id = gather_objects(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}", world, _GROUP)[0]
     # Rank 0 creates the root metadata and takes the lock before any other process opens the store.
     store = _agree(lambda: _create_and_lock(cfg, metas, storage_options, run_id) if rank == 0 else None, world)
     try:
@@ -197,17 +186,17 @@ def _run(cfg: PipelineConfig, storage_options: dict | None, rank: int, world: in
             local, err = _extract_units(cfg, store, models, mine, rank, redo_changed), None
         except Exception as e:  # noqa: BLE001 — reported to every rank, raised below
             local, err = None, e
-        results = _gather({"rank": rank, "result": local,
-                           "error": None if err is None else _describe(err, rank, world)}, world)
+        results = gather_objects({"rank": rank, "result": local,
+                                  "error": None if err is None else _describe(err, rank, world)}, world, _GROUP)
         try:
-            summary = _agree(lambda: _finish(cfg, store, urls, results, run_id, started, warnings) if rank == 0 else None,
-                             world)
+            summary = _agree(lambda: (_finish(cfg, store, urls, results, run_id, started, warnings)
+                                      if rank == 0 else None), world)
         except Exception as e:  # noqa: BLE001 — e.g. the disk that stopped the writer also fails the merge
             if err is None:
                 raise
             log.error("closing the run failed too: %s", explain(cfg.store.root, e) or f"{type(e).__name__}: {e}")
             raise err from None  # the first failure is the one to report
-        summary = _gather(summary, world)[0]
+        summary = gather_objects(summary, world, _GROUP)[0]
     finally:
         if rank == 0:
             release_writer_lock(store, run_id)
@@ -245,7 +234,7 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
             stored, skipped = stored + n, skipped + s
     _check_failures(cfg, stored, skipped)  # units kept from earlier runs already exceed it: stop before working
     per_chunk = max(1, cfg.data.batch_size // cfg.views.num_views)
-    loader = DataLoader(PreparedTars(cfg, pending, per_chunk), batch_size=None, collate_fn=_identity,
+    loader = DataLoader(PreparedTars(cfg, pending, per_chunk), batch_size=None, collate_fn=identity,
                         num_workers=cfg.data.num_workers, worker_init_fn=_worker_init)
     chunks = iter(loader) if pending else iter(())  # fork the decoding workers before the writer thread exists
     writer = BackgroundWriter(store)

@@ -17,6 +17,8 @@ import pickle
 import warnings
 from collections.abc import Mapping
 
+import fsspec
+import safetensors.torch
 import timm
 import torch
 from torch import Tensor
@@ -121,8 +123,6 @@ def convert_checkpoint(obj: Mapping, fmt: str) -> dict[str, Tensor]:
 
 
 def _read_bytes(path: str) -> bytes:
-    import fsspec
-
     with fsspec.open(path, "rb") as f:
         return f.read()
 
@@ -135,8 +135,6 @@ def load_state_dict_file(path: str) -> Mapping:
     """
     remote = "://" in path and not path.startswith("file://")
     if path.endswith(".safetensors"):
-        import safetensors.torch
-
         if remote:
             return safetensors.torch.load(_read_bytes(path))
         return safetensors.torch.load_file(path.removeprefix("file://"), device="cpu")
@@ -269,7 +267,8 @@ def _ibot_head(prefix: str, dim: int, seed: int) -> dict[str, Tensor]:
     """Keys of iBOT's head: an MLP and weight-normalised last layers for CLS and patch tokens."""
     out = {f"{prefix}.mlp.0.weight": _randn(2 * dim, dim, seed=seed), f"{prefix}.mlp.0.bias": torch.zeros(2 * dim)}
     for ll in ("last_layer", "last_layer2"):
-        out.update({f"{prefix}.{ll}.weight_g": torch.ones(32, 1), f"{prefix}.{ll}.weight_v": _randn(32, 2 * dim, seed=seed)})
+        out.update({f"{prefix}.{ll}.weight_g": torch.ones(32, 1),
+                    f"{prefix}.{ll}.weight_v": _randn(32, 2 * dim, seed=seed)})
     return out
 
 
@@ -316,8 +315,6 @@ def save_in_official_format(sd: Mapping[str, Tensor], path: str, fmt: str, *, fu
                "args": argparse.Namespace(arch="vit_base", patch_size=p, out_dim=8192)}
     elif fmt == "state_dict":
         if path.endswith(".safetensors"):
-            import safetensors.torch
-
             safetensors.torch.save_file(sd, path)
             return
         obj = sd

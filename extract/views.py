@@ -1,4 +1,5 @@
-"""Replayable views (DESIGN §3): torchvision's RandomResizedCrop + horizontal flip, from a seeded generator.
+"""Replayable views: torchvision's RandomResizedCrop + horizontal flip, from a seeded generator (a stored
+view record replays its crop exactly, so the store holds no images; store_schema/README.md, `views`).
 
 The crop box is stored normalised to the source image size, so a view record is meaningful without
 the image; `apply_view` rounds it back to exactly the integer box `sample_view` drew (exact for image

@@ -24,10 +24,11 @@ RESERVED_ARCH_KWARGS = ("pretrained", "num_classes", "img_size", "patch_size")
 @functools.lru_cache(maxsize=64)
 def _built(arch: str, kwargs_json: str, image_size: int, patch_size: int) -> tuple[int | None, str | None]:
     """(embed_dim, None) when timm builds a supported ViT for these arguments, else (None, the reason and fix)."""
-    import timm
+    import timm  # here: store_schema.config imports this module, and loading a config must not load timm/torch
     import torch
 
-    from extract.vit_forward import check_supported_vit  # what the token-dropping forward needs of a ViT
+    # what the token-dropping forward needs of a ViT; here: store_schema must not import extract at import time
+    from extract.vit_forward import check_supported_vit
 
     try:
         with torch.device("meta"), warnings.catch_warnings():
@@ -86,7 +87,7 @@ def architecture_errors(cfg: "PipelineConfig") -> list[str]:
 
 def _timm_tag_errors(name: str, arch: str, weights: str) -> list[str]:
     """A `format = "timm"` teacher's weights must be a pretrained tag timm knows for its arch."""
-    import timm
+    import timm  # here, not at the top: see _built
 
     tag = weights if "." in weights else f"{arch}.{weights}"
     known = timm.list_pretrained(f"{arch}.*")

@@ -10,33 +10,23 @@ import os
 import sys
 from typing import Any
 
+from .config import ConfigError
 from .fingerprint import StoreMismatchError
 from .joint_stats import GROUP, fit_joint_stats
 from .store import FeatureStore, StoreError
 from .inspection import inspect_store
 from .oserrors import explain
-from .storage import check_reachable
+from .storage import check_reachable, parse_option_items
 from .validate import validate_store
 
 
 def parse_storage_options(items: list[str]) -> dict[str, Any] | None:
-    """`key=value` pairs; values are read as JSON when they parse (numbers, true, {...}), else as strings;
-    dotted keys nest: client_kwargs.region_name=us-east-1 → {"client_kwargs": {"region_name": ...}}."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"comad-store: --storage-option {item!r} must look like key=value")
-        key, text = item.split("=", 1)
-        try:
-            value = json.loads(text)
-        except ValueError:
-            value = text
-        *parents, last = key.strip().split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out or None
+    """--storage-option items parsed by the one parser every command uses (storage.parse_option_items),
+    None when there are none; a bad item exits with its message."""
+    try:
+        return parse_option_items(items) or None
+    except ConfigError as e:
+        raise SystemExit(f"comad-store: {e}") from None
 
 
 def _size(n: float) -> str:
@@ -201,7 +191,6 @@ def _add_compact_parser(sub: Any) -> None:
 
 def _compact(args: argparse.Namespace) -> int:
     """comad-store compact: distill/compact.py writes the store; any refusal is one line, exit 2."""
-    from .config import ConfigError
     args.root = args.out  # what _fail reports
     try:
         # Imported here, not at the top: distill imports store_schema (not the other way round at import

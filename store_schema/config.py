@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from store_schema import choices
+from store_schema.arch_check import architecture_errors
 
 
 class ConfigError(ValueError):
@@ -515,7 +516,6 @@ def validate(cfg: PipelineConfig) -> None:
             extra = f" with store.compression = {cfg.store.compression!r}" if base == "store.compression_level" else ""
             errors.append(f"{key} = {x!r} is outside its range [{lo}, {hi}]{extra}")
     if not errors:  # the architecture checks build models: only from values that passed the checks above
-        from store_schema.arch_check import architecture_errors
         errors += architecture_errors(cfg)
     if errors:
         raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import json
 
+from .config import ConfigError
+
 RERUN = "complete units are kept; rerun the same command to resume"
 
 
@@ -20,7 +22,6 @@ def explain(root: str, e: BaseException, doing: str = "", key: str = "store.root
     rerun = RERUN if key == "store.root" else "rerun (training: with --resume, from the last complete checkpoint)"
     path = getattr(e, "filename", None) or root
     code = getattr(e, "errno", None)
-    from .config import ConfigError
     from .storage import remote_problem  # here: storage imports fsspec; this module is imported everywhere
     if isinstance(e, ConfigError) or type(e).__name__ in ("StoreError", "StoreMismatchError"):
         return None  # already one line that names what to do (e.g. check_reachable's): raised as it is

@@ -28,6 +28,8 @@ from typing import Any
 
 import fsspec
 
+from .config import ConfigError, _toml_value
+
 PIPE = "pipe:"
 _DRAIN_LIMIT = 1 << 20  # after a tar's end marker, read at most this much more of a pipe before giving up on it
 _SECRET = re.compile(r"secret|password|token|credential|sas|account_key|^key$", re.IGNORECASE)
@@ -130,7 +132,6 @@ class PipeReader(io.RawIOBase):
 def parse_option_items(items: list[str], flag: str = "--storage-option") -> dict[str, Any]:
     """`key=value` items -> options; a value is read as JSON when it parses (numbers, true, {...}), else as a
     string; dotted keys nest (client_kwargs.region_name=us-east-1). Raises ConfigError naming a bad item."""
-    from .config import ConfigError
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -153,8 +154,6 @@ def parse_option_items(items: list[str], flag: str = "--storage-option") -> dict
 def storage_overrides(items: list[str]) -> list[str]:
     """`--storage-option KEY=VALUE` items as `--set` overrides of store/data/eval.storage_options (the same
     options for the store, the inputs and the eval data; a later `--set` still wins)."""
-    from .config import _toml_value
-
     def flat(prefix: str, d: dict[str, Any]):
         for k, v in d.items():
             if isinstance(v, dict) and v:

@@ -2,7 +2,7 @@
 
 The layout is documented in store_schema/README.md (the contract); this module, with writer.py (one unit
 at a time: UnitWriter) and lock.py (one extraction run per store), is its one reference
-implementation. Write rules (DESIGN.md §4, from zarr-python 3.1's failure modes):
+implementation. Write rules (from zarr-python 3.1's failure modes; the contract in store_schema/README.md):
 
 - a *unit* is one input tar; it is written by exactly one process, into its own group, so no two
   writers ever share a zarr shard or a metadata document;
@@ -26,6 +26,7 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from .chunkread import ChunkReader, Unsupported
 from .codec import all_finite, decode_features
 from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
@@ -324,7 +325,8 @@ class FeatureStore:
                 else:
                     got[k] = decode_features(a[f"{tp}/{k}"], scale, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
-            checked = [got[k] for k in ("patch", "cls", "patch_scale", "cls_scale") if k in got and got[k].dtype.kind == "f"]
+            checked = [got[k] for k in ("patch", "cls", "patch_scale", "cls_scale")
+                       if k in got and got[k].dtype.kind == "f"]
             if not all(all_finite(x) for x in checked):
                 raise StoreError(f"{where}: teacher {t!r} features are not finite (a lost or corrupt chunk). "
                                  f"Run `comad-store validate {self.root}`; re-extract that unit.")
@@ -340,7 +342,6 @@ class FeatureStore:
 
         if engine == "zarr":
             return [by_zarr(p, pv) for p, pv in want]
-        from .chunkread import Unsupported
         reader = self.chunk_reader()
         pieces = []  # (position in want, (path, a, b, view)): one piece per inner chunk the rows touch
         for i, (path, per_view) in enumerate(want):
@@ -360,7 +361,6 @@ class FeatureStore:
     def chunk_reader(self):
         """This store's store_schema.chunkread.ChunkReader (one per open store: it caches shard indices)."""
         if getattr(self, "_chunk_reader", None) is None:
-            from .chunkread import ChunkReader
             self._chunk_reader = ChunkReader(self)
         return self._chunk_reader
 

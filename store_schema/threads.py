@@ -20,6 +20,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 SAMPLE_SECONDS = 0.3  # how long the load of other processes is sampled at start
 
 
@@ -115,8 +117,6 @@ def choose_threads(requested: int, loader_workers: int, key: str, cores: int | N
 
 def apply_threads(requested: int, loader_workers: int, key: str, say=None) -> ThreadChoice:
     """Choose (see choose_threads), set torch's intra-op threads, and report the choice through `say`."""
-    import torch
-
     choice = choose_threads(requested, loader_workers, key)
     torch.set_num_threads(choice.threads)
     if say is not None:

@@ -69,7 +69,8 @@ class UnitWriter:
         units = store.group["units"]
         if self.base:
             _delete_dir(store, self.path)  # an interrupted (or torn) earlier attempt: redo from scratch
-            self.group = units.create_group(self.name, attributes={UNIT_ATTR: {"source": source_url, "status": "writing"}})
+            self.group = units.create_group(self.name,
+                                            attributes={UNIT_ATTR: {"source": source_url, "status": "writing"}})
             self.stored_keys = None
         else:
             if not store.is_complete(source_url, teachers=[]):

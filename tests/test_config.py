@@ -135,8 +135,8 @@ def test_all_impossible_values_are_listed_at_once():
 def test_overrides_of_every_kind():
     cfg = load_config(PIPELINE_TOML, [
         "optim.base_lr=3e-4", "train.steps=10", "gate.variant=mean", 'store.root="s3://bucket/x"',
-        "eval.knn_k=[5, 10, 50]", "student.arch_kwargs={embed_dim = 64, depth = 2, num_heads = 2}", "heads.decoder_heads=4",
-        "teachers.mocov3.visible=0.6", "masks.nested=true"])
+        "eval.knn_k=[5, 10, 50]", "student.arch_kwargs={embed_dim = 64, depth = 2, num_heads = 2}",
+        "heads.decoder_heads=4", "teachers.mocov3.visible=0.6", "masks.nested=true"])
     assert (cfg.optim.base_lr, cfg.train.steps, cfg.gate.variant, cfg.store.root) == (3e-4, 10, "mean", "s3://bucket/x")
     assert cfg.eval.knn_k == [5, 10, 50] and cfg.masks.nested is True
     assert cfg.student.arch_kwargs == {"embed_dim": 64, "depth": 2, "num_heads": 2}

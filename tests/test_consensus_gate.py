@@ -1,4 +1,5 @@
-"""Consensus gate against a loop-by-loop reference of DESIGN §6, plus its invariants."""
+"""Consensus gate against a loop-by-loop reference of its definition (distill/consensus_gate.py's docstring),
+plus its invariants."""
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ def _cos(x: list[float], y: list[float]) -> float:
 
 
 def reference_gate(query, targets, visible, variant, tau, prior=None):
-    """Straight transcription of DESIGN §6 with python loops and the math module."""
+    """Straight transcription of the gate's definition with python loops and the math module."""
     b_, t_, n_, d_ = targets.shape
     fused = torch.zeros(b_, n_, d_, dtype=torch.float64)
     weights = torch.zeros(b_, t_, n_, dtype=torch.float64)

@@ -79,7 +79,8 @@ def test_comad_demo_quick_runs_end_to_end(tmp_path, tmp_path_factory, request):
     fixtures = results["teacher_fixtures"]
     assert set(results["teacher_weights_sha256"]) == set(cfg.teachers)
     for name, tcfg in cfg.teachers.items():  # the recorded hash is that of the weights the pipeline loaded
-        assert load_teacher(tcfg, 32, 4)[1] == results["teacher_weights_sha256"][name] == fixtures["teachers"][name]["sha256"]
+        assert (load_teacher(tcfg, 32, 4)[1] == results["teacher_weights_sha256"][name]
+                == fixtures["teachers"][name]["sha256"])
     for name, info in fixtures["teachers"].items():
         assert max(info["knn_cls"], info["knn_mean_patch"]) > knn_floor[name], (name, info)
     for name, row in zip(cfg.teachers, results["rows"][:3]):

@@ -186,7 +186,8 @@ def test_fixture_trains_and_loads_strictly_in_its_official_format(tmp_path, digi
         assert not torch.equal(sd["blocks.0.attn.qkv.weight"], fx.state["student.blocks.0.attn.qkv.weight"])
     ref = build_vit(tcfg.arch, tcfg.arch_kwargs, 32, 4)
     ref.load_state_dict(sd, strict=True)
-    a, b = teacher_features(loaded, images[:40], tcfg.mean, tcfg.std), teacher_features(ref, images[:40], tcfg.mean, tcfg.std)
+    a = teacher_features(loaded, images[:40], tcfg.mean, tcfg.std)
+    b = teacher_features(ref, images[:40], tcfg.mean, tcfg.std)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -298,7 +298,8 @@ def test_load_eval_model_sources(tmp_path):
     save_in_official_format(teacher.state_dict(), tc.weights, "state_dict")
     loaded, mean, _, desc = load_eval_model(cfg, teacher="mocov3")
     assert desc == "teacher_mocov3" and mean == tc.mean
-    assert torch.equal(loaded.state_dict()["blocks.0.attn.qkv.weight"], teacher.state_dict()["blocks.0.attn.qkv.weight"])
+    assert torch.equal(loaded.state_dict()["blocks.0.attn.qkv.weight"],
+                       teacher.state_dict()["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="unknown teacher 'dino'"):
         load_eval_model(cfg, teacher="dino")
 

@@ -169,7 +169,8 @@ def test_export_is_a_timm_hub_directory_with_the_trained_data_config(tmp_path, m
     monkeypatch.setattr(hub, "hf_hub_download", from_export)
     remote = timm.create_model("hf-hub:someone/comad-student", pretrained=True).eval()
     assert as_read(timm.data.resolve_data_config(model=remote)) == expected
-    assert ("someone/comad-student", "config.json") in served and ("someone/comad-student", "model.safetensors") in served
+    assert (("someone/comad-student", "config.json") in served
+            and ("someone/comad-student", "model.safetensors") in served)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         reference = student.forward_features(x)

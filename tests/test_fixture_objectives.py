@@ -41,8 +41,10 @@ def test_block_masks_ratio_probability_and_seed():
     assert not block_masks(50, 8, (0.1, 0.5), 0.0, 2, 0.3, gen(0)).any()  # prob 0: no image masked
     half = block_masks(400, 8, (0.1, 0.5), 0.5, 2, 0.3, gen(1)).any(1).float().mean()
     assert 0.4 < float(half) < 0.6
-    assert torch.equal(block_masks(30, 8, (0.1, 0.5), 0.5, 2, 0.3, gen(3)), block_masks(30, 8, (0.1, 0.5), 0.5, 2, 0.3, gen(3)))
-    assert not torch.equal(block_masks(30, 8, (0.1, 0.5), 1.0, 2, 0.3, gen(3)), block_masks(30, 8, (0.1, 0.5), 1.0, 2, 0.3, gen(4)))
+    assert torch.equal(block_masks(30, 8, (0.1, 0.5), 0.5, 2, 0.3, gen(3)),
+                       block_masks(30, 8, (0.1, 0.5), 0.5, 2, 0.3, gen(3)))
+    assert not torch.equal(block_masks(30, 8, (0.1, 0.5), 1.0, 2, 0.3, gen(3)),
+                           block_masks(30, 8, (0.1, 0.5), 1.0, 2, 0.3, gen(4)))
 
 
 def test_mae_loss_counts_only_dropped_patches():
@@ -72,7 +74,8 @@ def test_mae_loss_counts_only_dropped_patches():
 
 def test_mocov3_momentum_encoder_is_an_ema_and_keys_get_no_gradient():
     obj = MoCoV3(_vit(), MEAN, STD, R, torch.Generator().manual_seed(0))
-    assert [type(m).__name__ for m in obj.base_head] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    assert ([type(m).__name__ for m in obj.base_head]
+            == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"])
     assert not obj.base_head[-1].affine and len(obj.predictor) == 5  # 2-layer predictor, last BN without affine
     assert not obj.base_encoder.patch_embed.proj.weight.requires_grad  # stop-grad conv1
     with torch.no_grad():  # make base and momentum differ, as after some training
@@ -132,6 +135,7 @@ def test_ibot_masked_patches_hide_their_pixels_and_the_teacher_is_an_ema():
 
 
 def test_ibot_patch_loss_only_at_masked_positions():
-    obj = IBOT(_vit(), MEAN, STD, FixtureRecipe(ibot_cls_weight=0.0, ibot_mask_prob=0.0), torch.Generator().manual_seed(0))
+    obj = IBOT(_vit(), MEAN, STD, FixtureRecipe(ibot_cls_weight=0.0, ibot_mask_prob=0.0),
+               torch.Generator().manual_seed(0))
     loss = obj.loss(_images(4), 0.5)  # nothing masked, no CLS term: nothing to learn
     assert float(loss.detach()) == 0.0

@@ -174,6 +174,7 @@ def test_loss_fusion_with_one_teacher_and_identity_head_equals_target_fusion(sto
     (l1, x1), (l2, x2) = m_target(batch), m_loss(batch)
     torch.testing.assert_close(x1["loss_token"], x2["loss_token"])
     torch.testing.assert_close(x1["loss_map"], x2["loss_map"])
+    torch.testing.assert_close(l1, l2)  # the CLS term is the same module in both: so is the total
 
 
 def test_loss_fusion_trains_every_head_and_weights_tokens_by_the_gate(store_cfg):

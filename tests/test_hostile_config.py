@@ -72,7 +72,8 @@ def test_out_of_range_numbers_are_refused(path, sign):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["store.compression_level=23"], "store.compression_level = 23 is outside its range [0, 22] with store.compression = 'zstd'"),
+    (["store.compression_level=23"],
+     "store.compression_level = 23 is outside its range [0, 22] with store.compression = 'zstd'"),
     (["store.compression=\"blosc\"", "store.compression_level=10"], "[0, 9] with store.compression = 'blosc'"),
     (["store.compression_level=-1"], "store.compression_level"),
     (["views.crop_ratio=[0.75, inf]"], "views.crop_ratio[1] = inf: every number must be finite"),

@@ -15,7 +15,7 @@ from extract.shards import MAX_LABEL, parse_label
 from store_schema.cli import main as store_cli
 from store_schema.store import FeatureStore, unit_name
 from store_schema.validate import validate_store
-from wds_fixtures import good_samples, make_image_bytes, write_tar
+from wds_fixtures import good_samples, write_tar
 
 GOOD = [(b"0", 0), (b"7", 7), (b" 12\n", 12), (b"+4", 4), (b"007", 7), (b"-0", 0), (b"2147483647", MAX_LABEL)]
 BAD = {  # bytes -> a word of the reason

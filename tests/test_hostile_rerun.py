@@ -94,7 +94,7 @@ def test_a_setting_the_store_keeps_is_named_with_the_value_in_force(tmp_path, ca
     first_v = str(first).strip('"')
     want = f"{key} = {second!r}" if isinstance(second, int) else f"{key} = '{second.strip(chr(34))}'"
     warned = [r.getMessage() for r in caplog.records if key in r.getMessage()]
-    assert len(warned) == 1 and want in warned[0] and f"stays in force" in warned[0] and first_v in warned[0]
+    assert len(warned) == 1 and want in warned[0] and "stays in force" in warned[0] and first_v in warned[0]
     assert summary["config_ignored"] == warned
     assert summary["images"] == 9 and summary["skipped"] == 0  # the store's pixel limit, not 1000, applied
     store = FeatureStore.open(cfg.store.root)

@@ -8,7 +8,6 @@ import pytest
 import zarr.storage
 
 from _extract_fixtures import all_rows, extract_config, write_tars
-from conftest import tiny_overrides
 from extract.cli import main as cli_main
 from extract.pipeline import ExtractionError, run_extraction
 from store_schema import lock

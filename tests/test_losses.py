@@ -1,4 +1,4 @@
-"""Token- and map-level KL against explicit loop references (DESIGN §7), plus invariants."""
+"""Token- and map-level KL against explicit loop references (README, "How the teachers are fused"), plus invariants."""
 from __future__ import annotations
 
 import math

@@ -42,7 +42,8 @@ def test_a_record_without_kind_reads_as_the_old_substring_rule_counted_it(reason
 
 def test_a_record_with_kind_is_counted_by_it_whatever_its_text_says():
     rec = skip_record(4, "k", "reworded: the picture would not open", SkipKind.UNDECODABLE_IMAGE)
-    assert rec == {"index": 4, "key": "k", "kind": "undecodable image", "reason": "reworded: the picture would not open"}
+    assert rec == {"index": 4, "key": "k", "kind": "undecodable image",
+                   "reason": "reworded: the picture would not open"}
     assert kind_of(rec) is SkipKind.UNDECODABLE_IMAGE
     assert kind_of({"kind": "not a kind", "reason": "empty tar: no samples"}) is SkipKind.EMPTY_TAR  # unknown: by text
     records = [rec, skip_record(0, None, "cannot open input tar", SkipKind.UNREADABLE_TAR),

@@ -110,7 +110,8 @@ def test_int8_per_token_scale_on_heavy_tailed_features(kind):
     assert cos.min() >= 0.999, cos.min()
     zero = np.zeros((2, 8), np.float32)
     assert np.array_equal(decode_features(*encode_features(zero, "int8")), zero)
-    sizes = {d: encode_features(x, d)[0].nbytes + (0 if d != "int8" else scale.nbytes) for d in ("float32", "float16", "int8")}
+    sizes = {d: encode_features(x, d)[0].nbytes + (0 if d != "int8" else scale.nbytes)
+             for d in ("float32", "float16", "int8")}
     print("bytes per 768-d token:", {d: s / 4096 for d, s in sizes.items()})
     assert sizes["float16"] * 2 == sizes["float32"] and sizes["int8"] < sizes["float16"] * 0.6
 
@@ -227,7 +228,8 @@ def test_writer_lock_refuses_a_second_run_and_takes_over_a_dead_one(tiny_cfg):
         acquire_writer_lock(store, "run-2")
     release_writer_lock(store, "run-1")
     lock = Path(tiny_cfg.store.root) / "extract.lock"
-    import json, socket
+    import json
+    import socket
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "run_id": "dead"}))
     acquire_writer_lock(store, "run-3")
     assert json.loads(lock.read_text())["run_id"] == "run-3"

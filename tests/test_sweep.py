@@ -69,7 +69,6 @@ def test_eval_numbers_reach_the_table(tmp_path, no_teachers, monkeypatch):
         seen.append((cfg.gate.variant, str(checkpoint_dir)))
         return {"model": "x", "cls": {"knn@10": 0.5, "linear": 0.25}, "mean_patch": {"knn@10": 0.4, "linear": 0.2},
                 "protocol": {}, "n_train": 2, "n_test": 2}
-    import distill.evaluate
     monkeypatch.setattr(distill.evaluate, "evaluate_checkpoint", fake_eval)
     (tmp_path / "sweep.toml").write_text('[[variant]]\nname = "mean"\nset = ["gate.variant=mean"]\n')
     rows = sweep_mod.run_sweep(tmp_path / "config.toml", sweep_mod.read_variants_file(tmp_path / "sweep.toml"),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 __all__ = ["DigitsShards", "digits_images", "stratified_split", "write_digits_shards", "write_tar"]
@@ -34,7 +35,7 @@ def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
 
     Raises ValueError for size < 8 (the digits would be downsampled).
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here: scikit-learn is optional (the `extras`), the demo's only
 
     if size < 8:
         raise ValueError(f"digits image size must be >= 8 (the source is 8x8), got {size}")
@@ -49,7 +50,7 @@ def digits_images(size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of indices 0..N-1: (train_index, test_index), each sorted ascending."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # optional, as above
 
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -65,7 +66,6 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> None:
     Fixed member metadata (mtime 0, mode, owner), so the same call writes the same bytes. Written to a
     temporary name and renamed, so a reader never sees half a tar.
     """
-    import webdataset as wds
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0, mode=0o644, user="comad", group="comad") as tar:

@@ -164,7 +164,8 @@ class MoCoV3(Objective):
 
     @staticmethod
     def _project(encoder: VisionTransformer, head: nn.Module, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Both views through one encoder pass (LayerNorm only: per-sample), the head per view (its BN sees one view)."""
+        """Both views through one encoder pass (LayerNorm only: per-sample), the head per view (its BN sees
+        one view)."""
         cls = encoder.forward_features(torch.cat([x1, x2]))[:, 0]  # (2B, D)
         c1, c2 = cls.chunk(2)
         return head(c1), head(c2)
@@ -194,7 +195,8 @@ class MoCoV3(Objective):
         state: dict[str, Tensor] = {}
         for prefix, net in (("module.base_encoder.", self.base_encoder), ("module.base_encoder.head.", self.base_head),
                             ("module.momentum_encoder.", self.momentum_encoder),
-                            ("module.momentum_encoder.head.", self.momentum_head), ("module.predictor.", self.predictor)):
+                            ("module.momentum_encoder.head.", self.momentum_head),
+                            ("module.predictor.", self.predictor)):
             state |= {prefix + k: v for k, v in _plain(net.state_dict()).items()}
         return {"epoch": steps, "arch": "vit_demo", "state_dict": state}
 

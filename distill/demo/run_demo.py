@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from distill.cli import main as distill_main
 from distill.demo.digits_data import write_digits_shards
 from distill.report import ModelResult, format_table, read_metrics, write_report_png
 from distill.demo.teacher_fixtures import OBJECTIVES, FixtureRecipe, ensure_teachers
+from extract.cli import main as extract_main
 from store_schema.config import ConfigError, dumps_toml, load_config
 
 DEMO_TOML = Path(__file__).with_name("demo.toml")
@@ -75,7 +77,8 @@ def path_overrides(out: Path, train_urls: list[str], test_urls: list[str], weigh
     return items + [f"teachers.{n}.weights={json.dumps(p)}" for n, p in weights.items()]
 
 
-def _stage(name: str, main: Callable[[list[str]], int], prog: str, argv: list[str], log: Callable[[str], None]) -> float:
+def _stage(name: str, main: Callable[[list[str]], int], prog: str, argv: list[str],
+           log: Callable[[str], None]) -> float:
     """Run one pipeline command in-process; returns its seconds; a non-zero exit raises StageFailed."""
     cmd = " ".join([prog, *argv])
     log(f"\n$ {cmd}")
@@ -90,9 +93,6 @@ def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides
              cache_dir: Path | None = None, recipe: FixtureRecipe = FixtureRecipe(),
              log: Callable[[str], None] = print) -> dict:
     """Run the demo into `out`; returns the results dict also written to `<out>/results.json`."""
-    from distill.cli import main as distill_main
-    from extract.cli import main as extract_main
-
     t_start = time.perf_counter()
     out = Path(out).resolve()
     user = (QUICK_OVERRIDES if quick else []) + list(overrides)
@@ -124,7 +124,8 @@ def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides
     (out / "eval").mkdir()
     models = [(f"teacher {n} ({OBJECTIVES[t.format]})", "teacher", ["--teacher", n], f"teacher_{n}")
               for n, t in cfg.teachers.items()]
-    models += [(f"student random-init (seed {cfg.seed})", "random-init", ["--random-init", str(cfg.seed)], "random_init"),
+    models += [(f"student random-init (seed {cfg.seed})", "random-init", ["--random-init", str(cfg.seed)],
+                "random_init"),
                (f"student distilled ({cfg.train.steps} steps)", "distilled", ["--checkpoint", cfg.train.run_dir],
                 "distilled")]
     results, t0 = [], time.perf_counter()
@@ -147,8 +148,8 @@ def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides
                "report_png": str(out / "report.png")}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     log("\n" + format_table(results))
-    log(f"\nkNN: DINO weighted kNN (train split -> test split); linear: linear probe; features after the final norm."
-        f"\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log("\nkNN: DINO weighted kNN (train split -> test split); linear: linear probe; features after the final norm."
+        "\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     log(f"wrote {out / 'results.json'} and {out / 'report.png'}; rerun a stage with --config {resolved}")
     return summary
 

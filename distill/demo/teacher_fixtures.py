@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import timm
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -203,8 +205,7 @@ def cache_root() -> Path:
 
 def fixture_key(cfg: PipelineConfig, recipe: FixtureRecipe) -> str:
     """Hash of everything that decides the fixtures: recipe, teacher configs, sizes, code and library versions."""
-    import sklearn
-    import timm
+    import sklearn  # here: an optional dependency (the `extras`), needed only when fixtures are (re)built
 
     spec = {"code": FIXTURE_CODE_VERSION, "recipe": dataclasses.asdict(recipe),
             "image_size": cfg.data.image_size, "patch_size": cfg.data.patch_size,
@@ -272,8 +273,6 @@ def _train_all(cfg: PipelineConfig, recipe: FixtureRecipe, into: Path, log: Call
 
 def _cpu_name() -> str:
     """The CPU model (what bit-reproducibility across machines depends on), best effort."""
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -289,10 +288,10 @@ def ensure_teachers(cfg: PipelineConfig, recipe: FixtureRecipe = FixtureRecipe()
 
     The manifest (also ``manifest.json`` in the cache entry) records per teacher the objective, file,
     sha256 of the backbone weights (``sha256``, what load_teacher reports), of everything the objective
-    trained (``state_sha256``) and of the file, training time and loss, and kNN accuracy (k=20) of CLS and mean-patch features
-    on the digits test split; and the linear CKA of every teacher pair's test features. An entry is
-    filled under a temporary name and renamed, so it is complete or absent; when two runs race, the
-    first complete entry wins.
+    trained (``state_sha256``) and of the file, training time and loss, and kNN accuracy (k=20) of CLS and
+    mean-patch features on the digits test split; and the linear CKA of every teacher pair's test features.
+    An entry is filled under a temporary name and renamed, so it is complete or absent; when two runs race,
+    the first complete entry wins.
     """
     entry = (root or cache_root()) / fixture_key(cfg, recipe)
     cached = _read_cache(entry, cfg)

@@ -1,4 +1,4 @@
-"""Dual-level KL distillation losses (DESIGN §7): one loss per module."""
+"""Dual-level KL distillation losses (README, "How the teachers are fused"): one loss per module."""
 from distill.losses.map_kl import MapKLLoss
 from distill.losses.token_kl import TokenKLLoss
 

@@ -1,4 +1,4 @@
-"""Map-level KL: per image and channel, a softmax over the covered grid positions (DESIGN §7, L_map).
+"""Map-level KL (L_map): per image and channel, a softmax over the covered grid positions.
 
 Only positions some teacher saw (C = {i : A_i ≠ ∅}) have a target, so the softmax runs over C alone.
 Uncovered entries are replaced with `torch.where` before any arithmetic, which keeps whatever they

@@ -1,4 +1,4 @@
-"""Token-level KL: per student-visible token, a softmax over channels (DESIGN §7, L_tok)."""
+"""Token-level KL (L_tok): per student-visible token, a softmax over channels."""
 from __future__ import annotations
 
 import torch
