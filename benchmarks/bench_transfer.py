@@ -25,7 +25,8 @@ from distill.cli import main as distill_main
 from distill.demo.run_demo import run_demo
 from distill.sweep import run_sweep
 
-# name, overrides on top of the shipped demo config (adapter_init "cca", cls_weight 1, gate "joint", prior "rankme").
+# name, overrides on top of the shipped demo config (adapter_init "cca", cls_weight 1, gate "joint", prior "rankme",
+# prior_power 2).
 VARIANTS: list[tuple[str, list[str]]] = [
     ("fused", []),
     ("single-mae", ['train.teachers=["mae"]']),
@@ -40,6 +41,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("no-cls-term", ["loss.cls_weight=0.0"]),
     ("prior-none", ['gate.prior="none"']),
     ("gate-mean-prior-none", ['gate.variant="mean"', 'gate.prior="none"']),
+    ("prior-power-1", ["gate.prior_power=1.0"]),
+    ("prior-power-4", ["gate.prior_power=4.0"]),
 ]
 METRICS = ("cls/knn@20", "cls/linear", "mean_patch/knn@20", "mean_patch/linear")
 

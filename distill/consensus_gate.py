@@ -2,8 +2,8 @@
 
 For image b and grid position i, the teachers that saw i are A_i = {k : visible[b, k, i]}. Each gets a
 score from its cosine affinity to the (detached) student query u_i and its mean cosine agreement with
-the other teachers in A_i; the weights are a temperature softmax of the scores over A_i only
-(DESIGN §6). Nothing here has parameters or passes gradient: the fused map is a training target.
+the other teachers in A_i; the weights are a temperature softmax of the scores over A_i only (README,
+"How the teachers are fused"). Nothing here has parameters or passes gradient: the fused map is a target.
 
 Teachers drop different tokens, so `targets` is a dense (B, T, N, d) grid whose invisible entries are
 undefined (uninitialised memory, zeros, even NaN). They are replaced by zeros with `torch.where` before

@@ -14,10 +14,11 @@ that the projector (visible tokens) and the decoder (full map) match; "loss" —
 own linear student head (the AM-RADIO / UNIC shape), the gate weights the per-teacher token losses per
 token, and the map losses by each teacher's mean gate weight.
 
-Gate prior (`gate.prior = "rankme"`): each teacher's gate weight is also multiplied by its share of the
-teachers' summed effective ranks (RankMe, distill.basis.effective_rank, from the store's per-teacher
-statistics) before renormalising: a label-free quality estimate, so a collapsed or near-random teacher
-counts less than a rich one wherever both saw a token (consensus alone follows the majority).
+Gate prior (`gate.prior = "rankme"`): each teacher's gate weight is also multiplied by π_k^α, π_k its share
+of the teachers' summed effective ranks (RankMe, distill.basis.effective_rank, from the store's per-teacher
+statistics) and α = `gate.prior_power`, before renormalising: a label-free quality estimate, so a collapsed
+or near-random teacher counts less than a rich one wherever both saw a token (consensus alone follows the
+majority).
 
 Global level (`loss.cls_weight` > 0): a linear head per teacher on the student's CLS matches that
 teacher's adapted CLS (token-level KL over channels), averaged over teachers.
@@ -103,6 +104,7 @@ class CoMADDistiller(nn.Module):
         self.gate_variant, self.gate_temperature = cfg.gate.variant, cfg.gate.temperature
         if cfg.gate.prior != "none":  # set from the store's statistics; saved with the model
             self.register_buffer("gate_prior", torch.ones(len(self.teacher_names)))
+            self.prior_power = cfg.gate.prior_power
         self.adapter_trainable = h.adapter_trainable
         self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.student.std).view(1, 1, 3, 1, 1), persistent=False)
@@ -144,9 +146,10 @@ class CoMADDistiller(nn.Module):
 
     @torch.no_grad()
     def set_gate_prior(self, ranks: dict[str, float]) -> None:
-        """gate.prior = "rankme": each teacher's share of the teachers' effective ranks (no-op otherwise)."""
+        """gate.prior = "rankme": each teacher's share of the teachers' effective ranks, raised to
+        gate.prior_power and renormalised (no-op without a prior)."""
         if hasattr(self, "gate_prior"):
-            r = torch.tensor([float(ranks[t]) for t in self.teacher_names], dtype=torch.float64)
+            r = torch.tensor([float(ranks[t]) for t in self.teacher_names], dtype=torch.float64) ** self.prior_power
             self.gate_prior.copy_(r / r.sum())
 
     def _init_shared_basis(self, joint: RunningStats, dims: list[int], std_all: list[tuple[Tensor, Tensor]]) -> None:

@@ -304,7 +304,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     elif stats is not None:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
     if main and hasattr(model, "gate_prior"):
-        print("gate prior (rankme, from each teacher's statistics in the store): "
+        print(f"gate prior (rankme^{cfg.gate.prior_power:g}, from each teacher's statistics in the store): "
               + ", ".join(f"{t} {float(p):.3f}" for t, p in zip(model.teacher_names, model.gate_prior)),
               file=sys.stderr)
     optimizer = build_optimizer(model, cfg, world)

@@ -7,6 +7,7 @@ work starts. `--set section.key=value` overrides are applied before validation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -103,6 +104,7 @@ class GateConfig:
     variant: str
     temperature: float
     prior: str  # none | rankme: each teacher's weight also in proportion to the effective rank of its features
+    prior_power: float  # α: the prior enters as π_k^α (1: in proportion to the rank share; larger: sharper)
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,28 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             nxt = node[k] = {}  # the unknown-key check below names it
         node = nxt
     node[keys[-1]] = value
+
+
+# Keys added after the first store format, with the value that reproduces the behaviour before them. A
+# config saved with an older store lacks them; `stored_config` fills them in, so such a store still
+# validates (a config the user writes must still name every key). Add a key here when you add it above.
+ADDED_KEYS: dict[str, Any] = {
+    "data.threads": 0, "data.storage_options": {}, "store.storage_options": {}, "store.joint_stats_samples": 4096,
+    "heads.adapter_init": "pca", "heads.fusion": "target", "heads.cca_ridge": 0.01, "heads.collapse_min_std": 0.1,
+    "heads.collapse_patience": 20, "heads.collapse_action": "stop", "gate.prior": "none", "gate.prior_power": 1.0,
+    "loss.cls_weight": 0.0, "train.threads": 0, "train.trackers": [], "eval.storage_options": {},
+    "eval.crop_fraction": 1.0,
+}
+
+
+def stored_config(raw: dict[str, Any], source: str) -> PipelineConfig:
+    """A config saved with a store (its root metadata), written by this or an earlier version."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in ADDED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].setdefault(key, copy.deepcopy(value))
+    return config_from_dict(raw, source)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
@@ -471,7 +495,7 @@ def validate(cfg: PipelineConfig) -> None:
         "student.mean": (0, 1), "student.std": (1e-3, 1),  # of pixels scaled to [0, 1]
         "heads.decoder_depth": (0, 64), "heads.decoder_heads": (1, 1024), "heads.decoder_mlp_ratio": (1e-3, 64),
         "heads.cca_ridge": (0, 1e6), "heads.collapse_min_std": (0, 1e6), "heads.collapse_patience": (1, big),
-        "gate.temperature": (1e-6, 1e6),
+        "gate.temperature": (1e-6, 1e6), "gate.prior_power": (1e-3, 100),
         "loss.token_weight": (0, 1e6), "loss.map_weight": (0, 1e6), "loss.cls_weight": (0, 1e6),
         "loss.token_temperature": (1e-6, 1e6), "loss.map_temperature": (1e-6, 1e6),
         "optim.base_lr": (1e-12, 1e3), "optim.lr_reference_batch": (1, 2**30), "optim.betas": (0, 0.999999),

@@ -17,7 +17,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 
 from .choices import FEATURE_DTYPES
 from .codec import decode_features
-from .config import ConfigError, config_from_dict
+from .config import ConfigError, stored_config
 from .fingerprint import SCHEMA_VERSION
 from .inspection import FAILED, RUNS_GROUP, expected_arrays, failure_reason, object_sizes
 from .stats import RunningStats
@@ -168,7 +168,7 @@ def _check_root(meta: dict[str, Any], rep: _Report) -> bool:
         if meta["fingerprint"].get(k) != meta[k]:
             rep.add("", f"fingerprint {k} disagrees with the root record", f"{meta['fingerprint'].get(k)} vs {meta[k]}")
     try:
-        cfg = config_from_dict(meta["config"], source="comad.config")
+        cfg = stored_config(meta["config"], source="comad.config")
         if cfg.views.num_views != meta["num_views"] or cfg.store.dtype != meta["dtype"]:
             rep.add("", "the stored config disagrees with the root record", "views.num_views or store.dtype")
     except (ConfigError, TypeError, KeyError) as e:

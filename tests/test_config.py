@@ -179,3 +179,18 @@ def test_demo_config_loads():
     cfg = load_config(DEMO_TOML)
     assert cfg.student_tokens < min(cfg.teacher_tokens(t) for t in cfg.teachers)
     assert load_config(DEMO_TOML) == cfg
+
+
+def test_a_config_saved_by_an_older_store_loads_with_the_behaviour_it_had():
+    from store_schema.config import ADDED_KEYS, stored_config
+    raw = tomllib.loads(PIPELINE_TOML.read_text())
+    for dotted in ADDED_KEYS:  # every entry names a real key (a typo would add nothing)
+        section, key = dotted.split(".")
+        assert key in raw[section], dotted
+        del raw[section][key]
+    with pytest.raises(ConfigError, match="missing key"):
+        config_from_dict(raw, "old store")  # a config a user writes must still name every key
+    cfg = stored_config(raw, "old store")
+    assert (cfg.gate.prior, cfg.gate.prior_power) == ("none", 1.0)
+    assert (cfg.heads.adapter_init, cfg.loss.cls_weight) == ("pca", 0.0)
+    assert cfg.eval.crop_fraction == 1.0 and "prior_power" not in raw["gate"]  # the caller's dict is not changed

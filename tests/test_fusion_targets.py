@@ -277,7 +277,19 @@ def test_the_rank_prior_comes_from_the_store_statistics(store_cfg):
     model = _model(cfg)
     ranks = torch.tensor([effective_rank(torch.from_numpy(np.asarray(store.teacher_stats(t).cov)))
                           for t in cfg.distill_teachers])
-    torch.testing.assert_close(model.gate_prior, (ranks / ranks.sum()).float())
+    a = cfg.gate.prior_power
+    torch.testing.assert_close(model.gate_prior, (ranks**a / (ranks**a).sum()).float())
     assert "gate_prior" in model.state_dict()  # a resume reads the prior back with the model
     loss, _ = model(next(iter(StoreBatches(cfg, 0, 1))))
     assert torch.isfinite(loss)
+
+
+def test_the_prior_power_sharpens_the_rank_shares(store_cfg):
+    root, _ = store_cfg
+    base = ['gate.prior="rankme"', 'heads.adapter_init="pca"']
+    flat = _model(load_config(root / "config.toml", base + ["gate.prior_power=1.0"])).gate_prior.double()
+    sharp = _model(load_config(root / "config.toml", base + ["gate.prior_power=3.0"])).gate_prior.double()
+    torch.testing.assert_close(sharp, flat**3 / (flat**3).sum(), rtol=1e-5, atol=1e-7)
+    assert abs(float(sharp.sum()) - 1) < 1e-6
+    assert flat.max() > flat.min()  # the store's teachers differ in rank: else the power changes nothing
+    assert sharp.max() > flat.max() and sharp.min() < flat.min()
