@@ -20,8 +20,10 @@ and when those config fields differ from the ones the maps were fitted with.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 from typing import Any
 
 from pathlib import Path
@@ -30,7 +32,9 @@ import numpy as np
 import torch
 
 from distill.basis import effective_rank
-from store_schema.config import ConfigError, PipelineConfig
+from distill.store_dataset import check_store_matches
+from store_schema.config import ConfigError, PipelineConfig, load_config
+from store_schema.joint_stats import joint_stats_record
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, _group_exists
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
@@ -59,6 +63,7 @@ def _map_fields(cfg: PipelineConfig, width: int) -> dict[str, Any]:
 def fit_maps(cfg: PipelineConfig, store: FeatureStore) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
     """{teacher: (A (d, D), c (d,)) float64} with A x + c = W · norm(x) + b of the frozen adapter that
     training would build from this store, and the width d."""
+    # here: distill.train imports this module (check_compact_training), and distill.model comes with it
     from distill.model import CoMADDistiller
     from distill.train import target_statistics
     if cfg.heads.adapter_trainable:
@@ -103,8 +108,6 @@ def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float1
                         compression_level: int = COMPRESSION_LEVEL) -> dict[str, Any]:
     """Write the compact store of cfg.store.root at dst_root (a new store, compressed with `compression`
     at `compression_level`); returns its provenance record."""
-    from distill.store_dataset import check_store_matches
-    from store_schema.joint_stats import joint_stats_record
     src = check_store_matches(cfg, storage_options)
     if compact_record(src) is not None:
         raise StoreError(f"{src.root} is already a compact store; pass the full store it was made from "
@@ -227,7 +230,6 @@ def add_arguments(ap) -> None:
 def run(args) -> dict[str, Any]:
     """Write the compact store that parsed arguments (add_arguments', or `comad-store compact`'s, where an
     unset option is None = the default here) describe; returns a summary of its record."""
-    from store_schema.config import load_config
     cfg = load_config(args.config, args.set)
     dtype = args.dtype or "float16"
     comp = args.compression or COMPRESSION
@@ -240,9 +242,6 @@ def run(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m distill.compact --config pipeline.toml --out ROOT [--dtype float16] [--set k=v ...]"""
-    import argparse
-    import json
-
     ap = argparse.ArgumentParser(prog="python -m distill.compact", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
