@@ -15,6 +15,7 @@ import random
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -255,10 +256,26 @@ def _truncate_jsonl(path: Path, start_step: int) -> None:
     path.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= start_step))
 
 
-# ---------------------------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------------------------------- set-up
 
-def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
-    """Train for cfg.train.steps global steps; returns a summary (run_dir, final step, last metrics)."""
+@dataclass
+class Run:
+    """What a run fixes before any weights exist: the processes, the data and the checkpoint to resume.
+    Every check that can refuse the run cheaply (wrong launch, store changing, bad resume) happens here,
+    before the model and the teachers are built."""
+    cfg: PipelineConfig
+    accelerator: Accelerator
+    rank: int
+    world: int
+    main: bool
+    run_dir: Path
+    store: Any  # the checked FeatureStore, or None (online targets needing no statistics)
+    data: dict[str, Any]  # data_identity: what a resume must find unchanged
+    ckpt: Path | None  # the checkpoint to resume from
+
+
+def make_accelerator(cfg: PipelineConfig) -> Accelerator:
+    """This process's Accelerator, refusing a launch accelerate did not join into one process group."""
     tr = cfg.train
     # A term with weight 0 or a target-side adapter receives no gradient; DDP must then be told.
     unused = cfg.loss.token_weight == 0 or cfg.loss.map_weight == 0 or cfg.heads.adapter_trainable
@@ -270,11 +287,19 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=launched > 1 and not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
                               log_with=list(tr.trackers) or None, project_dir=tr.run_dir)
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
+                           "they would train independently into the same run_dir; check the launcher and "
+                           "torch.distributed setup")
+    return accelerator
+
+
+def set_up(cfg: PipelineConfig, resume: bool) -> Run:
+    """The accelerator, the checked store and its identity (the same on every rank), and the checkpoint
+    to resume from, refused unless `resume` is set and the run can continue from it unchanged."""
+    accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if world != launched:
-        raise RuntimeError(f"launched as {launched} processes but accelerate set up {world}: they would train "
-                           "independently into the same run_dir; check the launcher and torch.distributed setup")
-    run_dir = Path(tr.run_dir)
+    run_dir = Path(cfg.train.run_dir)
     store = open_store(cfg)
     data = data_identity(cfg, store)
     if len({json.dumps(d, sort_keys=True) for d in _all_gather(data, world)}) > 1:
@@ -285,15 +310,21 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         raise ResumeError(f"{run_dir} already holds checkpoints up to step {read_meta(ckpt)['step']}: pass "
                           "--resume to continue that run, or set another train.run_dir")
     if ckpt is not None:
-        check_resumable(ckpt, cfg, world, tr.num_workers, data)
+        check_resumable(ckpt, cfg, world, cfg.train.num_workers, data)
+    return Run(cfg, accelerator, rank, world, main, run_dir, store, data, ckpt)
 
+
+def build_model(run: Run) -> tuple[CoMADDistiller, LiveTeachers | None]:
+    """The student with its heads initialised (compact maps, or the store's statistics), and the live
+    teachers for online targets. Seeded first, so every rank starts from identical weights."""
+    cfg, store = run.cfg, run.store
     seed_everything(cfg.seed)  # identical initial weights on every rank
     dims = None if store is None else {t: store.teacher_meta(t).dim for t in store.teachers}
     compact = None if store is None else check_compact_training(cfg, store)  # features already mapped
     stats, joint = (None, None) if compact else target_statistics(cfg, store)
     live = None
     if cfg.train.targets == "online":
-        live = LiveTeachers(cfg).to(accelerator.device)
+        live = LiveTeachers(cfg).to(run.accelerator.device)
         if dims is not None and dims != live.dims:
             raise RuntimeError(f"the live teachers' feature widths {live.dims} differ from the store's {dims}, "
                                "whose statistics would initialise the adapters")
@@ -303,68 +334,111 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
         install_compact_maps(model, compact)
     elif stats is not None:
         model.init_from_statistics(stats, pca=cfg.heads.adapter_init == "pca", joint=joint)
-    if main and hasattr(model, "gate_prior"):
+    if run.main and hasattr(model, "gate_prior"):
         print(f"gate prior (rankme^{cfg.gate.prior_power:g}, from each teacher's statistics in the store): "
               + ", ".join(f"{t} {float(p):.3f}" for t, p in zip(model.teacher_names, model.gate_prior)),
               file=sys.stderr)
-    optimizer = build_optimizer(model, cfg, world)
-    scheduler = build_scheduler(optimizer, cfg, world)
+    return model, live
+
+
+def prepare(run: Run, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer, Any, int]:
+    """(prepared model, optimizer, scheduler, step to start from): the checkpoint's state when resuming.
+    Writes the run's config.toml (the main process)."""
+    cfg, tr = run.cfg, run.cfg.train
+    optimizer = build_optimizer(model, cfg, run.world)
+    scheduler = build_scheduler(optimizer, cfg, run.world)
     # The scheduler is not prepared: accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = run.accelerator.prepare(model, optimizer)
     step = 0
-    if ckpt is not None:
-        step = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank)
-        if main:
-            print(f"resuming {run_dir} from {ckpt.name} (step {step} of {tr.steps})")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dumps_toml(cfg))
-    log = MetricLog(run_dir, step, main)
+    if run.ckpt is not None:
+        step = load_checkpoint(run.ckpt, run.accelerator.unwrap_model(model), optimizer, scheduler, run.rank)
+        if run.main:
+            print(f"resuming {run.run_dir} from {run.ckpt.name} (step {step} of {tr.steps})")
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.toml").write_text(dumps_toml(cfg))
+    return model, optimizer, scheduler, step
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+class NonFiniteSteps:
+    """Counts skipped (non-finite) steps; stops the run after train.max_nonfinite_steps in a row, since
+    isolated bad batches are survivable but a diverged run only burns compute."""
+
+    def __init__(self, run: Run) -> None:
+        self.limit, self.run_dir, self.main = run.cfg.train.max_nonfinite_steps, run.run_dir, run.main
+        self.consecutive = self.total = 0
+
+    def update(self, step: int, metrics: dict[str, Tensor], applied: bool) -> None:
+        self.consecutive = 0 if applied else self.consecutive + 1
+        if applied:
+            return
+        self.total += 1
+        if self.main:
+            values = ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k.startswith(("loss", "grad")))
+            tqdm.write(f"step {step}: non-finite loss or gradient on at least one rank (rank 0: {values}); "
+                       "update skipped on every rank")
+        if self.consecutive >= self.limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive steps up to step {step} had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps = {self.limit}); the run stops. Check the store's "
+                f"features for NaN/inf, lower optim.base_lr, or resume from {latest_checkpoint(self.run_dir)}")
+
+
+def next_batch(batches: Iterator[dict], live: LiveTeachers | None, accelerator: Accelerator) -> dict:
+    """The next batch on the device with its targets: decoded from the store, or the live teachers'."""
+    batch = dequantize_targets(to_device(next(batches), accelerator.device))
+    if live is not None:
+        with torch.no_grad(), accelerator.autocast():
+            batch = live(batch)
+    return batch
+
+
+def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
+    """Train for cfg.train.steps global steps; returns a summary (run_dir, final step, last metrics)."""
+    run = set_up(cfg, resume)
+    model, live = build_model(run)
+    model, optimizer, scheduler, step = prepare(run, model)
+    tr, accelerator = cfg.train, run.accelerator
+    log = MetricLog(run.run_dir, step, run.main)
     start_trackers(accelerator, cfg, step)  # hparams and the resolved config, once per (resumed) run
     last_row: dict[str, Any] = {}
-    consecutive_bad = total_bad = 0
+    bad = NonFiniteSteps(run)
     collapse = CollapseGuard(cfg)
-    batches = make_batches(cfg, rank, world, step) if step < tr.steps else iter(())
-    bar = tqdm(total=tr.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    batches = make_batches(cfg, run.rank, run.world, step) if step < tr.steps else iter(())
+    bar = tqdm(total=tr.steps, initial=step, disable=not run.main, dynamic_ncols=True, desc="train")
     model.train()
     try:
         while step < tr.steps:
-            batch = dequantize_targets(to_device(next(batches), accelerator.device))
-            if live is not None:
-                with torch.no_grad(), accelerator.autocast():
-                    batch = live(batch)
+            batch = next_batch(batches, live, accelerator)
             metrics, applied = train_step(model, batch, optimizer, scheduler, accelerator, cfg.optim.grad_clip)
             step += 1
             warned = collapse.update(step, metrics, lambda x: accelerator.reduce(x.to(accelerator.device), "mean"))
-            if warned and main:
+            if warned and run.main:
                 tqdm.write(warned)
             log.add(metrics, applied)
             bar.update(1)
-            consecutive_bad = 0 if applied else consecutive_bad + 1
-            if not applied:
-                total_bad += 1
-                if main:
-                    values = ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items() if k.startswith(("loss", "grad")))
-                    tqdm.write(f"step {step}: non-finite loss or gradient on at least one rank (rank 0: {values}); "
-                               "update skipped on every rank")
-                if consecutive_bad >= tr.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} consecutive steps up to step {step} had a non-finite loss or gradient "
-                        f"(train.max_nonfinite_steps = {tr.max_nonfinite_steps}); the run stops. Check the store's "
-                        f"features for NaN/inf, lower optim.base_lr, or resume from {latest_checkpoint(run_dir)}")
+            bad.update(step, metrics, applied)
             if step % tr.log_every == 0 or step == tr.steps:
-                last_row = log.flush(step, learning_rate(cfg, world, step - 1),
+                last_row = log.flush(step, learning_rate(cfg, run.world, step - 1),
                                      tr.batch_size * (log.applied + log.skipped), accelerator)
                 bar.set_postfix(loss=f"{last_row.get('loss', float('nan')):.4f}",
                                 img_s=f"{last_row['img_per_s']:.0f}")
             if step % tr.checkpoint_every == 0 or step == tr.steps:
-                save_checkpoint(accelerator, model, optimizer, scheduler, step, cfg, tr.num_workers, data)
+                save_checkpoint(accelerator, model, optimizer, scheduler, step, cfg, tr.num_workers, run.data)
     finally:
         bar.close()
         finish_trackers(accelerator)
-    final = latest_checkpoint(run_dir)
-    if not last_row and (run_dir / "metrics.jsonl").exists():  # nothing left to train: report the run's end
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return summary(run, step, last_row, bad.total)
+
+
+def summary(run: Run, step: int, last_row: dict[str, Any], skipped: int) -> dict[str, Any]:
+    """train()'s result; a run resumed at its end trained nothing, so its last logged row is reported."""
+    final = latest_checkpoint(run.run_dir)
+    metrics = run.run_dir / "metrics.jsonl"
+    if not last_row and metrics.exists():  # nothing left to train: report the run's end
+        rows = metrics.read_text().splitlines()
         last_row = json.loads(rows[-1]) if rows else {}
-    return {"run_dir": str(run_dir), "step": step, "last_metrics": last_row, "skipped_steps": total_bad,
-            "checkpoint": None if final is None else str(final), "world_size": world}
+    return {"run_dir": str(run.run_dir), "step": step, "last_metrics": last_row, "skipped_steps": skipped,
+            "checkpoint": None if final is None else str(final), "world_size": run.world}
