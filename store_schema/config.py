@@ -378,13 +378,28 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 # Validation: impossible values fail at load time
 
 
+_Check = typing.Callable[[bool, str], None]  # check(ok, msg): records msg unless ok
+
+
 def validate(cfg: PipelineConfig) -> None:
+    """Raise ConfigError listing every invalid value of cfg, in the order the checkers below run."""
     errors: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
         if not ok:
             errors.append(msg)
 
+    for checker in (_check_choices, _check_data, _check_views, _check_masks_and_teachers, _check_store,
+                    _check_heads_gate_loss, _check_optim, _check_train, _check_eval, _check_ranges):
+        checker(cfg, check)
+    if not errors:  # the architecture checks build models: only from values that passed the checks above
+        errors += architecture_errors(cfg)
+    if errors:
+        raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _check_choices(cfg: PipelineConfig, check: _Check) -> None:
+    """Every string option (CHOICES) holds one of its allowed values."""
     for key, allowed in CHOICES.items():
         section, _, name = key.partition(".")
         if section == "teachers":
@@ -395,6 +410,8 @@ def validate(cfg: PipelineConfig) -> None:
         for k, v in values:
             check(v in allowed, f"{k} = {v!r} is not one of {', '.join(map(repr, allowed))}")
 
+
+def _check_data(cfg: PipelineConfig, check: _Check) -> None:
     d = cfg.data
     check(d.image_size > 0 and d.patch_size > 0, "data.image_size and data.patch_size must be positive")
     check(d.patch_size > 0 and d.image_size % d.patch_size == 0,
@@ -405,6 +422,8 @@ def validate(cfg: PipelineConfig) -> None:
     check(d.max_image_pixels > 0, "data.max_image_pixels must be positive")
     check(len(d.urls) > 0, "data.urls is empty: list the input WebDataset tars")
 
+
+def _check_views(cfg: PipelineConfig, check: _Check) -> None:
     v = cfg.views
     check(v.num_views >= 1, f"views.num_views = {v.num_views}: at least one view per image is needed")
     check(len(v.crop_scale) == 2 and 0 < v.crop_scale[0] <= v.crop_scale[1] <= 1,
@@ -413,7 +432,10 @@ def validate(cfg: PipelineConfig) -> None:
           f"views.crop_ratio = {v.crop_ratio} must be [lo, hi] with 0 < lo <= hi")
     check(0.0 <= v.hflip_prob <= 1.0, "views.hflip_prob must be in [0, 1]")
 
-    m = cfg.masks
+
+def _check_masks_and_teachers(cfg: PipelineConfig, check: _Check) -> None:
+    """Visible fractions (student below every teacher, each keeping tokens), normalisation, weights."""
+    d, m = cfg.data, cfg.masks
     n = cfg.num_patches if d.patch_size > 0 and d.image_size % d.patch_size == 0 else 0
     check(0 < m.student_visible <= 1, f"masks.student_visible = {m.student_visible} must be in (0, 1]")
     if n and math.isfinite(m.student_visible):  # NaN/inf is reported below; visible_count cannot take it
@@ -433,6 +455,8 @@ def validate(cfg: PipelineConfig) -> None:
     check(len(s.mean) == 3 and len(s.std) == 3 and all(x > 0 for x in s.std),
           "student.mean/std must be 3 numbers each, std > 0")
 
+
+def _check_store(cfg: PipelineConfig, check: _Check) -> None:
     st = cfg.store
     check(st.chunk_samples >= 1, "store.chunk_samples must be >= 1")
     check(st.shard_samples >= 1 and st.chunk_samples >= 1 and st.shard_samples % st.chunk_samples == 0,
@@ -441,6 +465,9 @@ def validate(cfg: PipelineConfig) -> None:
     check(st.compression_level >= 0, "store.compression_level must be >= 0")
     check(st.joint_stats_samples >= 0, "store.joint_stats_samples must be >= 0 (0 = every sample)")
 
+
+def _check_heads_gate_loss(cfg: PipelineConfig, check: _Check) -> None:
+    """Heads, then every softmax temperature (gate, loss, eval), then the loss weights."""
     h = cfg.heads
     check(h.decoder_depth >= 0 and h.decoder_heads >= 1, "heads.decoder_depth >= 0 and heads.decoder_heads >= 1")
     check(math.isfinite(h.cca_ridge) and h.cca_ridge >= 0, f"heads.cca_ridge = {h.cca_ridge} must be >= 0")
@@ -450,16 +477,23 @@ def validate(cfg: PipelineConfig) -> None:
     for key, tau in (("gate.temperature", cfg.gate.temperature), ("loss.token_temperature", cfg.loss.token_temperature),
                      ("loss.map_temperature", cfg.loss.map_temperature),
                      ("eval.knn_temperature", cfg.eval.knn_temperature)):
-        errors += [e for e in [choices.temperature_error(tau, key)] if e]
+        e = choices.temperature_error(tau, key)
+        check(not e, e)
     lo = cfg.loss
     check(lo.token_weight >= 0 and lo.map_weight >= 0 and lo.token_weight + lo.map_weight > 0,
           "loss.token_weight and loss.map_weight must be >= 0 and not both 0")
     check(math.isfinite(lo.cls_weight) and lo.cls_weight >= 0, f"loss.cls_weight = {lo.cls_weight} must be >= 0")
+
+
+def _check_optim(cfg: PipelineConfig, check: _Check) -> None:
     o = cfg.optim
     check(o.base_lr > 0 and o.lr_reference_batch >= 1, "optim.base_lr > 0 and optim.lr_reference_batch >= 1")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
     check(o.weight_decay >= 0 and o.warmup_steps >= 0 and o.min_lr >= 0 and o.grad_clip >= 0,
           "optim.weight_decay, warmup_steps, min_lr, grad_clip must be >= 0 (grad_clip 0 disables clipping)")
+
+
+def _check_train(cfg: PipelineConfig, check: _Check) -> None:
     tr = cfg.train
     check(tr.batch_size >= 1 and tr.steps >= 1, "train.batch_size and train.steps must be >= 1")
     check(tr.num_workers >= 0, "train.num_workers must be >= 0")
@@ -473,14 +507,20 @@ def validate(cfg: PipelineConfig) -> None:
         check(t in cfg.teachers, f"train.teachers names {t!r}, which is not a configured teacher; "
                                  f"choose from {', '.join(cfg.teachers)} (or [] for all)")
     check(len(set(tr.teachers)) == len(tr.teachers), "train.teachers lists a teacher twice")
+
+
+def _check_eval(cfg: PipelineConfig, check: _Check) -> None:
     e = cfg.eval
     check(all(k >= 1 for k in e.knn_k) and len(e.knn_k) > 0, "eval.knn_k must list positive integers")
     check(e.batch_size >= 1 and e.probe_batch_size >= 1 and e.probe_epochs >= 0, "eval batch sizes >= 1")
     check(0 < e.crop_fraction <= 1, f"eval.crop_fraction = {e.crop_fraction} must be in (0, 1] (DINO: 0.875; "
                                     "1 resizes the shorter side straight to data.image_size)")
-    # Every number has a range, checked here so that nothing passes loading and fails (or silently ruins
-    # work) later: inf/NaN anywhere, an over-large count that overflows an int64 product, a compression
-    # level the codec cannot write. (lo, hi, what): inclusive bounds unless `what` says otherwise.
+
+
+def _number_ranges(cfg: PipelineConfig) -> dict[str, tuple[float, float]]:
+    """Every number has a range, checked here so that nothing passes loading and fails (or silently ruins
+    work) later: inf/NaN anywhere, an over-large count that overflows an int64 product, a compression
+    level the codec cannot write. (lo, hi): inclusive bounds. One table, so it is long."""
     big = 2**40  # counts (steps, samples, pixels): far above any real run, far below int64 overflow
     ranges: dict[str, tuple[float, float]] = {
         "seed": (0, 2**63 - 1),
@@ -512,37 +552,40 @@ def validate(cfg: PipelineConfig) -> None:
     for name in cfg.teachers:
         ranges |= {f"teachers.{name}.visible": (1e-9, 1), f"teachers.{name}.mean": (0, 1),
                    f"teachers.{name}.std": (1e-3, 1)}
+    return ranges
 
-    def numbers(key: str, value: Any):  # (key, number) for every number under a config value
-        if isinstance(value, bool):
-            return
-        if isinstance(value, (int, float)):
-            yield key, value
-        elif isinstance(value, list):
-            for i, x in enumerate(value):
-                yield from numbers(f"{key}[{i}]", x)
-        elif isinstance(value, dict):
-            for k, x in value.items():
-                yield from numbers(f"{key}.{k}", x)
 
+def _numbers(key: str, value: Any):
+    """(key, number) for every number under a config value; bools are not numbers here."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield key, value
+    elif isinstance(value, list):
+        for i, x in enumerate(value):
+            yield from _numbers(f"{key}[{i}]", x)
+    elif isinstance(value, dict):
+        for k, x in value.items():
+            yield from _numbers(f"{key}.{k}", x)
+
+
+def _check_ranges(cfg: PipelineConfig, check: _Check) -> None:
+    """Every number in the config is finite and inside its range from `_number_ranges`."""
+    ranges = _number_ranges(cfg)
     found = [("seed", cfg.seed)]
     for sec in ("data", "views", "masks", "store", "student", "heads", "gate", "loss", "optim", "train", "eval"):
         found += [x for f in dataclasses.fields(getattr(cfg, sec))
-                  for x in numbers(f"{sec}.{f.name}", getattr(getattr(cfg, sec), f.name))]
+                  for x in _numbers(f"{sec}.{f.name}", getattr(getattr(cfg, sec), f.name))]
     for name, tc in cfg.teachers.items():
-        found += [x for f in dataclasses.fields(tc) for x in numbers(f"teachers.{name}.{f.name}", getattr(tc, f.name))]
+        found += [x for f in dataclasses.fields(tc) for x in _numbers(f"teachers.{name}.{f.name}", getattr(tc, f.name))]
     for key, x in found:
         base = key.split("[")[0]
         if isinstance(x, float) and not math.isfinite(x):
-            errors.append(f"{key} = {x!r}: every number must be finite")
+            check(False, f"{key} = {x!r}: every number must be finite")
         elif base in ranges and not ranges[base][0] <= x <= ranges[base][1]:
             lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in ranges[base])
             extra = f" with store.compression = {cfg.store.compression!r}" if base == "store.compression_level" else ""
-            errors.append(f"{key} = {x!r} is outside its range [{lo}, {hi}]{extra}")
-    if not errors:  # the architecture checks build models: only from values that passed the checks above
-        errors += architecture_errors(cfg)
-    if errors:
-        raise ConfigError(f"{cfg.source}: invalid configuration:\n  - " + "\n  - ".join(errors))
+            check(False, f"{key} = {x!r} is outside its range [{lo}, {hi}]{extra}")
 
 
 # ----------------------------------------------------------------------------------------------

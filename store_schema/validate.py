@@ -188,10 +188,20 @@ def _report_incomplete(store: FeatureStore, info: Any, rep: _Report) -> None:
 def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, int],
                 key_rows: dict[str, tuple[str, int]]) -> dict[str, RunningStats] | None:
     """All checks of one complete unit; returns its per-teacher statistics (None where unreadable)."""
-    meta, where = store.meta, f"units/{name}"
+    where = f"units/{name}"
+    n = _check_unit_keys(store, name, rep, key_rows)
+    if n is None:
+        return None
+    arrays, bad_shards = _open_unit_arrays(store, where, n, rep, counts)
+    sums = _scan_unit_rows(store, where, n, arrays, bad_shards, rep)
+    return {t: _check_unit_stats(store, name, t, n, sums[t], rep) for t in store.teachers}
+
+
+def _check_unit_keys(store: FeatureStore, name: str, rep: _Report, key_rows: dict[str, tuple[str, int]]) -> int | None:
+    """The unit record: n_samples, keys, excluded rows, keys unique across units; n (None if inconsistent)."""
+    where = f"units/{name}"
     rec = store.unit_record(name)
-    n, V, S, C = rec.get("n_samples"), store.num_views, meta["shard_samples"], meta["chunk_samples"]
-    N = meta["num_patches"]
+    n = rec.get("n_samples")
     keys, excluded = rec.get("keys"), set(rec.get("excluded_rows", []))
     if not isinstance(n, int) or n < 0 or not isinstance(keys, list) or len(keys) != n:
         rep.add(where, "unit record is inconsistent", f"n_samples {n!r} with {len(keys or [])} keys")
@@ -206,7 +216,13 @@ def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, 
             rep.add(where, "duplicate key", f"{key!r} (row {row}) is also row {orow} of {other}")
         else:
             key_rows[key] = (where, row)
+    return n
 
+
+def _open_unit_arrays(store: FeatureStore, where: str, n: int, rep: _Report,
+                      counts: dict[str, int]) -> tuple[dict[str, zarr.Array], dict[str, set[int]]]:
+    """The unit's arrays that open with the expected shape and dtype, and each one's bad shard files."""
+    meta, V, S = store.meta, store.num_views, store.meta["shard_samples"]
     group, sizes = store.group[where], object_sizes(store, f"{where}/")
     arrays, bad_shards = {}, {}
     for path, (row_shape, dtype, per_view) in expected_arrays(meta).items():
@@ -219,6 +235,14 @@ def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, 
     counts["rows"] += n
     counts["arrays"] += len(arrays)
     counts["bytes"] += sum(sizes.values())
+    return arrays, bad_shards
+
+
+def _scan_unit_rows(store: FeatureStore, where: str, n: int, arrays: dict[str, zarr.Array],
+                    bad_shards: dict[str, set[int]], rep: _Report) -> dict[str, list | None]:
+    """Every row of the unit, chunk by chunk; returns per teacher [count, sum, sum of squares] of the
+    decoded patch features, None once unusable."""
+    S, C, N = store.meta["shard_samples"], store.meta["chunk_samples"], store.meta["num_patches"]
 
     def read(path: str, a: int, b: int) -> np.ndarray | None:
         if path not in arrays or (a // S) in bad_shards[path]:
@@ -230,7 +254,6 @@ def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, 
                     f"rows {a}-{b}: {type(e).__name__}: {e}")
             return None
 
-    # per teacher: [count, sum, sum of squares] of the decoded patch features, None once unusable
     sums = {t: [0, 0.0, 0.0] for t in store.teachers}
     sample_index = []
     for a in range(0, n, C):
@@ -251,7 +274,7 @@ def _check_unit(store: FeatureStore, name: str, rep: _Report, counts: dict[str, 
         repeats = n - len(np.unique(np.concatenate(sample_index)))
         if repeats:
             rep.add(f"{where}/index", "a sample index appears twice", f"{repeats} repeats")
-    return {t: _check_unit_stats(store, name, t, n, sums[t], rep) for t in store.teachers}
+    return sums
 
 
 _ROW_CHECKS = {
