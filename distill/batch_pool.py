@@ -103,7 +103,7 @@ class BatchPool:
         for path, off, dtype, shape in layout:
             dt = np.dtype(dtype)
             n = int(np.prod(shape)) * dt.itemsize
-            _set(out, path, whole[off:off + n].view(_TORCH[dt.str.lstrip("<|=")]).view(shape))
+            _set(out, path, whole[off:off + n].view(TORCH_DTYPES[dt.str.lstrip("<|=")]).view(shape))
         self.pooled += 1
         return out
 
@@ -114,8 +114,9 @@ class BatchPool:
             pass
 
 
-_TORCH = {np.dtype(d).str.lstrip("<|="): getattr(torch, d) for d in
-          ("uint8", "int8", "int32", "int64", "float16", "float32", "float64")}
+# numpy dtype code (no byte order) -> torch dtype, for every array a store batch holds (store_dataset uses it too)
+TORCH_DTYPES = {np.dtype(d).str.lstrip("<|="): getattr(torch, d) for d in
+                ("uint8", "int8", "int32", "int64", "float16", "float32", "float64")}
 
 
 def _close(fds: list[int]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from distill.batch_pool import BatchPool
+from distill.batch_pool import TORCH_DTYPES, BatchPool
 from store_schema.config import PipelineConfig
 from store_schema.fingerprint import TRAINING_FIELDS, StoreMismatchError, fingerprint_from_config
 from store_schema.store import FeatureStore, StoreError
@@ -230,10 +230,6 @@ class StoreBatches(torch.utils.data.IterableDataset):
         return blocks, np.concatenate(part_of), np.concatenate(row_of)
 
 
-_TORCH_DTYPES = {np.dtype(d).str.lstrip("<|="): getattr(torch, d) for d in
-                 ("uint8", "int8", "int32", "int64", "float16", "float32", "float64")}
-
-
 def _batch_bytes_bound(meta: dict[str, Any], teachers: list[str], batch: int) -> int:
     """An upper bound of one batch's bytes (float32 targets, int8 scales, int64 indices, CLS, alignment):
     the size of a BatchPool buffer. Pages of it a smaller batch never touches are never allocated."""
@@ -269,7 +265,7 @@ def _gather(parts: list[dict[str, Any]], part_of: np.ndarray, row_of: np.ndarray
     def leaf(*xs: np.ndarray) -> torch.Tensor:
         x0 = xs[0]
         shape = (len(pairs), *x0.shape[1:])
-        dtype = _TORCH_DTYPES[x0.dtype.str.lstrip('<|=')]
+        dtype = TORCH_DTYPES[x0.dtype.str.lstrip('<|=')]
         if shared:
             t = torch.empty(0, dtype=dtype)
             storage = t._typed_storage()._new_shared(int(np.prod(shape)), device=t.device)
