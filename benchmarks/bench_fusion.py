@@ -70,6 +70,7 @@ VARIANTS: list[tuple[str, list[str], str]] = [
     ("prior-none", ['gate.variant="joint"', 'gate.prior="none"'], "joint, without the rank prior (the session-3 default)"),
     ("prior-power-1", ['gate.variant="joint"', "gate.prior_power=1.0"], "joint, rank prior to the power 1 (session 5)"),
     ("prior-power-4", ['gate.variant="joint"', "gate.prior_power=4.0"], "joint, rank prior to the power 4"),
+    ("cls-gate", ['gate.variant="joint"', 'loss.cls_fusion="gate"'], "joint, the CLS term on the gated CLS targets"),
 ]
 # Smoke-tested (--steps 100 --seeds 0, every variant trained and evaluated): all of them since the model code for
 # cca / fusion = "loss" / cls_weight landed; `--variants working` runs this set.

@@ -43,6 +43,7 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("gate-mean-prior-none", ['gate.variant="mean"', 'gate.prior="none"']),
     ("prior-power-1", ["gate.prior_power=1.0"]),
     ("prior-power-4", ["gate.prior_power=4.0"]),
+    ("cls-gate", ['loss.cls_fusion="gate"']),
 ]
 METRICS = ("cls/knn@20", "cls/linear", "mean_patch/knn@20", "mean_patch/linear")
 

@@ -20,14 +20,16 @@ statistics) and α = `gate.prior_power`, before renormalising: a label-free qual
 or near-random teacher counts less than a rich one wherever both saw a token (consensus alone follows the
 majority).
 
-Global level (`loss.cls_weight` > 0): a linear head per teacher on the student's CLS matches that
-teacher's adapted CLS (token-level KL over channels), averaged over teachers.
+Global level (`loss.cls_weight` > 0), `loss.cls_fusion`: "mean" — a linear head per teacher on the student's
+CLS matches that teacher's adapted CLS (token-level KL over channels), averaged over teachers; "gate" — one
+head on the student's CLS matches the teachers' adapted CLS fused by the same consensus gate as the patch
+tokens (the CLS as one more token every teacher saw, the head's output as the query).
 
 Adapters, heads on the target side, the gate and the losses run in float32 even inside a bf16 autocast:
 a τ = 0.1 softmax over cosines and log-softmax differences lose most of their bits in bf16.
 
 State-dict prefixes: `student.` (a plain timm ViT, what export keeps), `projector.`, `decoder.`,
-`adapters.<t>.`, `teacher_heads.<t>.`, `cls_heads.<t>.`, `target_norm.<t>.`.
+`adapters.<t>.`, `teacher_heads.<t>.`, `cls_heads.<t>.` (or `cls_head.`), `target_norm.<t>.`.
 """
 from __future__ import annotations
 
@@ -91,8 +93,10 @@ class CoMADDistiller(nn.Module):
         self.fusion, self.adapter_init, self.cca_ridge = h.fusion, h.adapter_init, h.cca_ridge
         if self.fusion == "loss":
             self.teacher_heads = nn.ModuleDict({t: Projector(dim) for t in self.teacher_names})
-        self.cls_weight = lo.cls_weight
-        if self.cls_weight > 0:
+        self.cls_weight, self.cls_fusion = lo.cls_weight, lo.cls_fusion
+        if self.cls_weight > 0 and self.cls_fusion == "gate":
+            self.cls_head = Projector(dim)
+        elif self.cls_weight > 0:
             self.cls_heads = nn.ModuleDict({t: Projector(dim) for t in self.teacher_names})
         self.standardize = lo.standardize_targets
         if self.standardize:
@@ -235,15 +239,25 @@ class CoMADDistiller(nn.Module):
         return loss_token, loss_map, weights
 
     def _cls_loss(self, cls: Tensor, teacher_cls: dict[str, Tensor]) -> Tensor:
-        """Mean over teachers of the token-level KL between head_k(student CLS) and teacher k's adapted CLS."""
-        losses = []
+        """cls_fusion "mean": mean over teachers of the token-level KL between head_k(student CLS) and teacher
+        k's adapted CLS; "gate": the KL between head(student CLS) and the gated fusion of the adapted CLS."""
+        targets = []
         for t in self.teacher_names:
             feats = teacher_cls[t].float()
             if self.standardize:
                 feats = self.target_norm[t](feats)
-            target = self.adapters[t](feats).unsqueeze(1)  # (B, 1, d)
-            losses.append(self.token_loss(self.cls_heads[t](cls).unsqueeze(1), target))
-        return torch.stack(losses).mean()
+            targets.append(self.adapters[t](feats).unsqueeze(1))  # (B, 1, d)
+        if self.cls_fusion == "mean":
+            return torch.stack([self.token_loss(self.cls_heads[t](cls).unsqueeze(1), target)
+                                for t, target in zip(self.teacher_names, targets)]).mean()
+        s = self.cls_head(cls).unsqueeze(1)  # (B, 1, d)
+        stacked = torch.stack(targets, 1)  # (B, T, 1, d), every teacher saw the image
+        visible = torch.ones(stacked.shape[:3], dtype=torch.bool, device=stacked.device)
+        fused, weights = consensus_gate(s, stacked, visible, self.gate_variant, self.gate_temperature,
+                                        getattr(self, "gate_prior", None))
+        if self.adapter_trainable:  # as in _fuse_targets: the adapters get a gradient through the target
+            fused = (weights.unsqueeze(-1) * stacked).sum(1)
+        return self.token_loss(s, fused)
 
     @torch.no_grad()
     def _gate_metrics(self, weights: Tensor, visible: Tensor, targets: Tensor) -> dict[str, Tensor]:

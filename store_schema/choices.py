@@ -19,6 +19,7 @@ FUSIONS = ("target", "loss")  # heads.fusion
 COLLAPSE_ACTIONS = ("stop", "warn")  # heads.collapse_action
 GATE_VARIANTS = ("joint", "mean", "affinity", "agreement")  # gate.variant (distill/consensus_gate.py)
 GATE_PRIORS = ("none", "rankme")  # gate.prior
+CLS_FUSIONS = ("mean", "gate")  # loss.cls_fusion: how the CLS term combines the teachers' CLS targets
 MIXED_PRECISIONS = ("auto", "bf16", "no")  # train.mixed_precision
 TARGET_SOURCES = ("store", "online")  # train.targets
 # accelerate's LoggerType names ("all" left out: it would start every tracker that happens to be installed)

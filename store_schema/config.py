@@ -114,6 +114,7 @@ class LossConfig:
     token_temperature: float
     map_temperature: float
     cls_weight: float  # λ_cls: the global (CLS) term
+    cls_fusion: str  # mean: one head per teacher, losses averaged | gate: one head, the gate fuses the CLS targets
     standardize_targets: bool
 
 
@@ -210,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # each set is defined once, in store_sc
     "heads.collapse_action": choices.COLLAPSE_ACTIONS,
     "gate.variant": choices.GATE_VARIANTS,
     "gate.prior": choices.GATE_PRIORS,
+    "loss.cls_fusion": choices.CLS_FUSIONS,
     "train.mixed_precision": choices.MIXED_PRECISIONS,
     "train.targets": choices.TARGET_SOURCES,
     "train.trackers": choices.TRACKERS,
@@ -275,8 +277,8 @@ ADDED_KEYS: dict[str, Any] = {
     "data.threads": 0, "data.storage_options": {}, "store.storage_options": {}, "store.joint_stats_samples": 4096,
     "heads.adapter_init": "pca", "heads.fusion": "target", "heads.cca_ridge": 0.01, "heads.collapse_min_std": 0.1,
     "heads.collapse_patience": 20, "heads.collapse_action": "stop", "gate.prior": "none", "gate.prior_power": 1.0,
-    "loss.cls_weight": 0.0, "train.threads": 0, "train.trackers": [], "eval.storage_options": {},
-    "eval.crop_fraction": 1.0,
+    "loss.cls_weight": 0.0, "loss.cls_fusion": "mean", "train.threads": 0, "train.trackers": [],
+    "eval.storage_options": {}, "eval.crop_fraction": 1.0,
 }
 
 

@@ -14,6 +14,7 @@ from distill.cli import main as distill_main
 from distill.collapse import CollapseGuard, TargetCollapseError
 from distill.heads import TeacherAdapter
 from distill.model import CoMADDistiller
+from distill.student import student_forward
 from distill.store_dataset import StoreBatches, check_store_matches
 from distill.train import train
 from extract.pipeline import run_extraction
@@ -204,6 +205,48 @@ def test_cls_term_reads_teacher_cls_and_trains_cls_heads(store_cfg):
     loss.backward()
     assert all(model.cls_heads[t].proj.weight.grad.abs().sum() > 0 for t in TEACHERS)
     assert model.student.cls_token.grad.abs().sum() > 0  # the student's CLS now has a loss of its own
+
+
+def _adapted_cls(model, batch):
+    """Each teacher's adapted CLS (B, T, d), computed outside the model's CLS term."""
+    return torch.stack([model.adapters[t](batch["teacher_cls"][t].float()) for t in model.teacher_names], 1)
+
+
+def _kl(student, target):
+    """Reference τ = 1 KL(softmax(target) ‖ softmax(student)) over channels, mean over rows."""
+    p_t = torch.softmax(target.double(), -1)
+    return float((p_t * (p_t.log() - torch.log_softmax(student.double(), -1))).sum(-1).mean())
+
+
+def test_cls_fusion_gate_matches_the_gated_cls_targets(store_cfg):
+    root, _ = store_cfg
+    batch = next(iter(StoreBatches(load_config(root / "config.toml", ["loss.cls_weight=1.0"]), 0, 1)))
+    for variant in ("mean", "joint"):
+        cfg = load_config(root / "config.toml", ["loss.cls_weight=1.0", 'loss.cls_fusion="gate"',
+                                                 f'gate.variant="{variant}"', 'gate.prior="none"'])
+        model = _model(cfg)
+        assert not hasattr(model, "cls_heads")
+        with torch.no_grad():
+            model.cls_head.proj.weight.normal_(0, 0.2)  # a query that is not the zero-init head's
+        loss, metrics = model(batch)
+        with torch.no_grad():
+            pixels = (batch["pixels"].float() / 255.0 - model.pixel_mean) / model.pixel_std
+            cls = student_forward(model.student, pixels, batch["student_idx"])[0][:, 0]
+            s = model.cls_head(cls)
+            t = _adapted_cls(model, batch)  # (B, T, d)
+            if variant == "mean":
+                w = torch.full(t.shape[:2], 1.0 / t.shape[1])
+            else:  # 0.5 (affinity to the query + mean agreement with the others), softmax at τ_g
+                tn, sn = F.normalize(t, dim=-1), F.normalize(s, dim=-1)
+                aff = (tn * sn[:, None]).sum(-1)
+                pair = tn @ tn.transpose(1, 2)
+                agree = (pair.sum(-1) - pair.diagonal(dim1=1, dim2=2)) / (t.shape[1] - 1)
+                w = torch.softmax(0.5 * (aff + agree) / cfg.gate.temperature, dim=1)
+            expected = _kl(s, (w[..., None] * t).sum(1))
+        assert abs(float(metrics["loss_cls"]) - expected) < 1e-4 * max(1.0, expected), variant
+    loss.backward()
+    assert model.cls_head.proj.weight.grad.abs().sum() > 0
+    assert all(model.adapters[t].proj.weight.grad is None for t in TEACHERS)  # frozen targets
 
 
 @pytest.mark.parametrize("fusion", ["target", "loss"])
