@@ -27,9 +27,9 @@ from accelerate.state import AcceleratorState
 
 from benchmarks.common import bench_config, print_json, print_table, write_image_tars, write_teacher_checkpoints
 from distill.model import CoMADDistiller
+from distill.online import LiveTeachers, online_loader
 from distill.store_dataset import StoreBatches, check_store_matches, make_loader
 from distill.train import build_optimizer, build_scheduler, to_device, train_step
-from extract.online import LiveTeachers, online_loader
 from extract.pipeline import run_extraction
 
 

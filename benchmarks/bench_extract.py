@@ -18,22 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (bench_config, median_time, print_json, print_table, write_image_tars,
-                               write_teacher_checkpoints)
+from benchmarks.common import (
+    bench_config,
+    median_time,
+    print_json,
+    print_table,
+    write_image_tars,
+    write_teacher_checkpoints,
+)
 from extract.masks import draw_masks, generator_for
 from extract.pipeline import run_extraction
-from extract.shards import Sample, expand_urls, iter_tar
-from extract.teachers import load_teacher
 from extract.views import apply_view, sample_view
-from extract.vit_forward import forward_visible
+from store_schema.shards import Sample, expand_urls, iter_tar
 from store_schema.store import FeatureStore
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
-
-
-def normalise(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
-    return (images_u8.float() / 255.0 - m) / s
+from vit_layers.checkpoints import load_teacher
+from vit_layers.forward import forward_visible
+from vit_layers.pixels import normalize_pixels
 
 
 def prepared_views(cfg) -> list[tuple[torch.Tensor, dict[str, np.ndarray]]]:
@@ -60,7 +61,7 @@ def bare_forwards(cfg, teachers, views) -> None:
             for name, model in teachers.items():
                 t = cfg.teachers[name]
                 idx = torch.from_numpy(np.stack([c[1][name] for c in chunk])).long()
-                forward_visible(model, normalise(imgs, t.mean, t.std), idx)
+                forward_visible(model, normalize_pixels(imgs, t.mean, t.std), idx)
 
 
 def dropped_vs_full(cfg, teachers, batch: int, repeats: int) -> dict:

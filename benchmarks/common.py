@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extract.teachers import build_vit
 from store_schema.config import PipelineConfig, load_config
+from vit_layers.checkpoints import build_vit
 
 REPO = Path(__file__).resolve().parents[1]
 

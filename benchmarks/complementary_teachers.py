@@ -65,9 +65,10 @@ from torch import Tensor, nn
 from distill.demo.digits_data import stratified_split, write_tar
 from distill.demo.fixture_views import random_resized_crop
 from distill.demo.teacher_fixtures import knn_accuracy, teacher_features, to_input
-from extract.teachers import build_vit, save_in_official_format, state_dict_sha256
-from extract.vit_forward import forward_visible
 from store_schema.config import PipelineConfig, TeacherConfig
+from vit_layers.checkpoint_writers import save_in_official_format
+from vit_layers.checkpoints import build_vit, state_dict_sha256
+from vit_layers.forward import forward_visible
 
 CODE_VERSION = 4  # bump when the code changes what a recipe produces
 NUM_CLASSES = 10

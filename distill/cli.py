@@ -21,9 +21,9 @@ from distill.evaluate import main_eval
 from distill.export import main_export
 from distill.report import main_report, report_run
 from distill.sweep import format_summary, parse_variant, read_variants_file, run_sweep
-from extract.shards import ShardReadError
 from store_schema.config import ConfigError, load_config
 from store_schema.oserrors import explain
+from store_schema.shards import ShardReadError
 from store_schema.storage import storage_overrides
 from store_schema.store import StoreError
 from store_schema.threads import apply_threads

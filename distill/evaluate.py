@@ -25,11 +25,12 @@ from distill.checkpoint import read_meta
 from distill.export import load_export, load_student_from_checkpoint, resolve_checkpoint_dir, run_dir_of
 from distill.student import build_student
 from distill.tracking import log_eval
-from extract.shards import Skipped, expand_urls, iter_tar
-from extract.teachers import load_teacher
-from extract.vit_forward import forward_visible
 from store_schema.choices import FEATURES  # eval.features' choices, defined once
 from store_schema.config import PipelineConfig, load_config
+from store_schema.shards import Skipped, expand_urls, iter_tar
+from vit_layers.checkpoints import load_teacher
+from vit_layers.forward import forward_visible
+from vit_layers.pixels import normalize_pixels
 
 MAX_EXAMPLES = 20  # skipped samples listed by name in a report; the counts are always complete
 INTERPOLATION = "bicubic"  # DINO's eval resize (torchvision interpolation=3)
@@ -99,7 +100,7 @@ class _LabelledImages(IterableDataset):
 def _encode(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, features: Sequence[str]) -> dict[str, Tensor]:
     """uint8 (B, 3, S, S) -> {feature: (B, D) float32 on the CPU} from a full forward."""
     device = mean.device
-    x = (images.to(device).float().div_(255) - mean) / std
+    x = normalize_pixels(images.to(device), mean, std)
     n = model.patch_embed.num_patches
     keep = torch.arange(n, device=device).expand(x.shape[0], n)
     cls, patches = forward_visible(model, x, keep)
@@ -129,8 +130,8 @@ def extract_eval_features(model: nn.Module, urls: Sequence[str], cfg: PipelineCo
     if not urls:
         raise ValueError("no evaluation tars: set eval.train_urls and eval.test_urls")
     device = next(model.parameters()).device
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
     loader = DataLoader(_LabelledImages(urls, size, cfg.eval.crop_fraction, cfg.data.max_image_pixels,
                                         cfg.eval.storage_options), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(urls)),

@@ -30,15 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from safetensors import SafetensorError
 import timm  # load_export builds the model the documented user way, so tests and evaluation use exactly it
+from safetensors import SafetensorError
 from timm.models._hub import generate_readme
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from distill.student import build_student
-from extract.teachers import load_strict
 from store_schema.config import PipelineConfig, load_config
+from vit_layers.checkpoints import load_strict
 
 STUDENT_PREFIX = "student."
 WEIGHTS_FILE = "model.safetensors"

@@ -44,6 +44,7 @@ from distill.losses import MapKLLoss, TokenKLLoss
 from distill.student import build_student, student_forward
 from store_schema.config import PipelineConfig
 from store_schema.stats import RunningStats
+from vit_layers.pixels import normalize_pixels
 
 # Standardisation floors each channel's std at this fraction of the median channel std.
 _STD_FLOOR = 1e-3
@@ -110,8 +111,8 @@ class CoMADDistiller(nn.Module):
             self.register_buffer("gate_prior", torch.ones(len(self.teacher_names)))
             self.prior_power = cfg.gate.prior_power
         self.adapter_trainable = h.adapter_trainable
-        self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.student.std).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.student.mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.student.std), persistent=False)
 
     # ------------------------------------------------------------------ initialisation
 
@@ -177,7 +178,7 @@ class CoMADDistiller(nn.Module):
         and target_std/<t> with trainable adapters.
         """
         idx = batch["student_idx"]
-        pixels = (batch["pixels"].float() / 255.0 - self.pixel_mean) / self.pixel_std
+        pixels = normalize_pixels(batch["pixels"], self.pixel_mean, self.pixel_std)
         tokens, patch_tokens = student_forward(self.student, pixels, idx)
         s, s_map = self.projector(patch_tokens), self.decoder(tokens, idx)  # (B, Ks, d), (B, N, d)
         with torch.autocast(s.device.type, enabled=False):  # targets, gate and losses in float32

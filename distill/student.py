@@ -10,10 +10,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from distill.heads import sincos_pos_embed_2d
-from extract.vit_forward import check_supported_vit, embed_patch_pixels, encode_tokens
 from store_schema.arch_check import RESERVED_ARCH_KWARGS
 from store_schema.config import ConfigError, StudentConfig
+from vit_layers.forward import check_supported_vit, embed_patch_pixels, encode_tokens
+from vit_layers.positions import sincos_pos_embed_2d
 
 
 def build_student(cfg: StudentConfig, image_size: int, patch_size: int) -> VisionTransformer:

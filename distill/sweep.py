@@ -30,9 +30,9 @@ import fsspec
 
 import distill.evaluate as evaluation  # module attributes, looked up at call time (tests patch them)
 import distill.train as training
-from extract.shards import expand_urls
 from store_schema.choices import FEATURES
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml, load_config, read_toml
+from store_schema.shards import expand_urls
 
 # Columns of the table, in order; eval numbers and gate weights are appended as they appear.
 LOSS_COLUMNS = ("loss", "loss_token", "loss_map", "loss_cls", "gate_entropy")

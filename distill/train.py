@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import math
 import os
 import random
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,14 +27,20 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from distill.checkpoint import (ResumeError, check_resumable, latest_checkpoint, load_checkpoint, read_meta,
-                                save_checkpoint)
+from distill.checkpoint import (
+    ResumeError,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from distill.collapse import CollapseGuard
 from distill.compact import check_compact_training, install_compact_maps
 from distill.model import CoMADDistiller
-from distill.tracking import finish_trackers, start_trackers
+from distill.online import LiveTeachers, online_loader
 from distill.store_dataset import StoreBatches, check_store_matches, dequantize_targets, make_loader
-from extract.online import LiveTeachers, online_loader
+from distill.tracking import finish_trackers, start_trackers
 from store_schema.collective import gather_objects as _all_gather
 from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point

@@ -21,7 +21,7 @@ from extract.dry_run import dry_run, format_dry_run
 from extract.pipeline import ExtractionError, run_extraction
 from store_schema.config import ConfigError, load_config
 from store_schema.fingerprint import StoreMismatchError
-from extract.shards import ShardReadError
+from store_schema.shards import ShardReadError
 from store_schema.storage import storage_overrides
 from store_schema.store import StoreError
 from store_schema.threads import apply_threads

@@ -29,9 +29,9 @@ import torch
 from extract.inputs import check_locations
 from extract.pipeline import _teacher_rows, load_teachers
 from extract.prepare import tar_chunks
-from extract.shards import _META, ShardReadError, split_key
 from store_schema.config import PipelineConfig
 from store_schema.inspection import expected_arrays
+from store_schema.shards import _META, ShardReadError, split_key
 from store_schema.storage import open_input
 
 TIMED_BATCHES = 3  # after one warm-up batch (first-call costs: allocations, kernel choice)
@@ -70,7 +70,7 @@ class DryRun:
 
 
 def count_samples(url: str, storage_options: dict | None) -> int:
-    """Sample groups of one tar (WebDataset's grouping, as extract.shards), reading headers and skipping data."""
+    """Sample groups of one tar (WebDataset's grouping, as store_schema.shards), reading headers and skipping data."""
     n, last = 0, None
     with open_input(url, storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for info in tf:

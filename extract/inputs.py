@@ -1,8 +1,8 @@
 """Where extraction reads and writes, checked before any work: the input list and the object stores behind it."""
 from __future__ import annotations
 
-from extract.shards import ShardReadError, expand_urls
 from store_schema.config import ConfigError, PipelineConfig
+from store_schema.shards import ShardReadError, expand_urls
 from store_schema.storage import check_reachable, remote_problem
 
 

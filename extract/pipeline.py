@@ -49,11 +49,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from extract.inputs import check_locations
 from extract.prepare import Chunk, PreparedTars, teacher_forward
 from extract.progress import Progress
 from extract.resume import changed_sources, exclude_duplicate_keys, settle_config
-from extract.inputs import check_locations
-from extract.teachers import load_teacher
 from extract.writer_thread import BackgroundWriter, ExtractionError
 from store_schema.collective import gather_objects, identity
 from store_schema.config import ConfigError, PipelineConfig
@@ -66,6 +65,7 @@ from store_schema.oserrors import STORE_OS_ERRORS, explain, raise_store_error
 from store_schema.skips import SkipKind
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, unit_name
 from store_schema.writer import TeacherRows, UnitRows
+from vit_layers.checkpoints import load_teacher
 
 log = logging.getLogger("comad.extract")
 SUMMARY_GROUP = RUNS_GROUP  # the run summaries: attrs["runs"], one dict per finished run

@@ -1,7 +1,7 @@
 """The decode side of extraction: one tar -> prepared chunks (views, masks, student pixels), in DataLoader workers.
 
 Everything here is a function of (config, sample key, view index), so extraction and the online trainer
-(extract.online) prepare the very same views and masks.
+(distill.online) prepare the very same views and masks.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from extract.masks import draw_masks
 from extract.resume import source_identity
-from extract.shards import ShardReadError, Skipped, iter_tar
 from extract.views import apply_view, draw_view
-from extract.vit_forward import forward_visible, patchify
 from store_schema.config import PipelineConfig
 from store_schema.faults import fault_point
+from store_schema.shards import ShardReadError, Skipped, iter_tar
 from store_schema.skips import SkipKind
+from vit_layers.forward import forward_visible, patchify
+from vit_layers.pixels import normalize_pixels
 
 
 @dataclass
@@ -45,8 +46,7 @@ def teacher_forward(model: torch.nn.Module, images: torch.Tensor, idx: torch.Ten
                     std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (B,3,H,W), visible indices (B,K) -> float32 cls (B,D), patch (B,K,D) on the model's device."""
     dev = next(model.parameters()).device
-    x = images.to(dev, non_blocking=True).float().div_(255.0)
-    x = (x - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    x = normalize_pixels(images.to(dev, non_blocking=True), mean, std)
     # no_grad, not inference_mode: online targets meet autograd tensors in the trainer's loss. Autocast off:
     # targets are computed in float32 as extraction stores them, whatever the trainer's mixed precision.
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):

@@ -101,7 +101,7 @@ def apply_view(image: Image.Image, params: ViewParams, size: int, interpolation:
     if interpolation not in _RESAMPLE:
         raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(map(repr, _RESAMPLE))}")
     if image.mode != "RGB":
-        raise ValueError(f"apply_view needs an RGB image, got mode {image.mode!r} (decode with extract.shards)")
+        raise ValueError(f"apply_view needs an RGB image, got mode {image.mode!r} (decode with store_schema.shards)")
     top, left, h, w = params.pixel_box(*image.size)
     if h <= 0 or w <= 0:
         raise ValueError(f"view box {params} is empty on a {image.size[0]}x{image.size[1]} image")

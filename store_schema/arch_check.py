@@ -27,8 +27,8 @@ def _built(arch: str, kwargs_json: str, image_size: int, patch_size: int) -> tup
     import timm  # here: store_schema.config imports this module, and loading a config must not load timm/torch
     import torch
 
-    # what the token-dropping forward needs of a ViT; here: store_schema must not import extract at import time
-    from extract.vit_forward import check_supported_vit
+    # what the token-dropping forward needs of a ViT (imports timm/torch, so here too, not at import time)
+    from vit_layers.forward import check_supported_vit
 
     try:
         with torch.device("meta"), warnings.catch_warnings():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 INTERPOLATIONS = ("bilinear", "bicubic")  # views.interpolation: PIL resampling of the random-resized crops
-CHECKPOINT_FORMATS = ("mae", "mocov3", "ibot", "state_dict")  # local checkpoint files (extract/teachers.py)
+CHECKPOINT_FORMATS = ("mae", "mocov3", "ibot", "state_dict")  # local checkpoint files (vit_layers/checkpoints.py)
 TEACHER_FORMATS = ("timm", *CHECKPOINT_FORMATS)  # teachers.<name>.format: "timm" downloads a tag
 FEATURE_DTYPES = ("float32", "float16", "int8")  # store.dtype (store_schema/codec.py)
 COMPRESSIONS = ("zstd", "blosc", "none")  # store.compression (store_schema/codec.py)

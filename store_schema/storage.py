@@ -8,7 +8,7 @@ only to URLs with a protocol (s3://, gs://, ...): a local path next to an object
 one `endpoint_url` does not break the local inputs.
 
 `pipe:CMD` (webdataset's convention: `pipe:aws s3 cp s3://b/x.tar -`, `pipe:curl -s URL`): the tar is
-CMD's standard output, read as a stream. The extractor's own tar reader (extract/shards.py) still does
+CMD's standard output, read as a stream. The extractor's own tar reader (store_schema/shards.py) still does
 the reading, so sample positions and truncation detection stay; a command that exits non-zero is an I/O
 error of that tar (its unit fails and the next run retries it), never a silently shorter tar.
 

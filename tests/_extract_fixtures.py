@@ -1,17 +1,18 @@
 """Shared by the extraction tests: tiny teachers saved in their official formats, tiny input tars, configs."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
-
 from conftest import TINY_VIT, tiny_config
-from extract.shards import Sample, iter_tar
-from extract.teachers import build_vit, save_in_official_format
-from store_schema.config import PipelineConfig
 from wds_fixtures import good_samples, write_tar
+
+from store_schema.config import PipelineConfig
+from store_schema.shards import Sample, iter_tar
+from vit_layers.checkpoint_writers import save_in_official_format
+from vit_layers.checkpoints import build_vit
 
 FORMATS = {"mae": "mae", "mocov3": "mocov3", "ibot": "ibot"}  # each teacher in its own official layout
 

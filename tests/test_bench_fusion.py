@@ -1,17 +1,22 @@
 """The fusion benchmark's construction (benchmarks/complementary_teachers.py, benchmarks/fusion.toml): fast checks."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
-from benchmarks.complementary_teachers import (TeacherRecipe, assert_channel_blind, band_images,
-                                               blind_to_other_channels, check_bands)
-from extract.teachers import build_vit
+from benchmarks.complementary_teachers import (
+    TeacherRecipe,
+    assert_channel_blind,
+    band_images,
+    blind_to_other_channels,
+    check_bands,
+)
 from store_schema.config import config_from_dict
+from vit_layers.checkpoints import build_vit
 
 FUSION_TOML = Path(__file__).resolve().parents[1] / "benchmarks" / "fusion.toml"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.teachers import load_teacher
 from store_schema.config import load_config
+from vit_layers.checkpoints import load_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from distill.demo.digits_data import digits_images, stratified_split, write_digits_shards
-from distill.report import ModelResult, accuracy_columns, format_table, read_metrics, write_report_png
 from distill.demo.run_demo import DEMO_TOML, DemoError, path_overrides, prepare_out_dir
 from distill.demo.teacher_fixtures import (
     OBJECTIVES,
@@ -26,10 +25,11 @@ from distill.demo.teacher_fixtures import (
     teacher_features,
     train_teacher,
 )
-from distill.heads import sincos_pos_embed_2d
-from extract.shards import Sample, iter_tar
-from extract.teachers import build_vit, load_teacher, state_dict_sha256
+from distill.report import ModelResult, accuracy_columns, format_table, read_metrics, write_report_png
 from store_schema.config import load_config
+from store_schema.shards import Sample, iter_tar
+from vit_layers.checkpoints import build_vit, load_teacher, state_dict_sha256
+from vit_layers.positions import sincos_pos_embed_2d
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = FixtureRecipe(batch_size=16, mae_steps=2, mocov3_steps=2, ibot_steps=2)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import torch
-
 from _extract_fixtures import extract_config, write_tars
 from conftest import PIPELINE_TOML, tiny_overrides
+from wds_fixtures import good_samples, write_tar
+
 from extract.cli import main as extract_main
 from extract.dry_run import count_samples, dry_run
 from extract.pipeline import run_extraction
-from extract.teachers import load_teacher
 from store_schema.inspection import inspect_store
-from wds_fixtures import good_samples, write_tar
+from vit_layers.checkpoints import load_teacher
 
 
 def _argv(tmp_path, tars, extra=()):

@@ -10,18 +10,26 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
-
 from conftest import tiny_config
-from distill.evaluate import (eval_transform, evaluate_model, extract_eval_features, knn_classify, linear_probe,
-                              load_eval_model, main_eval, resize_size)
-from distill.export import export_student
-from distill.student import build_student
-from extract.teachers import build_vit, save_in_official_format
-from extract.vit_forward import forward_visible
-from store_schema.config import dumps_toml
+from PIL import Image
 from wds_fixtures import make_image_bytes, write_tar
 
+from distill.evaluate import (
+    eval_transform,
+    evaluate_model,
+    extract_eval_features,
+    knn_classify,
+    linear_probe,
+    load_eval_model,
+    main_eval,
+    resize_size,
+)
+from distill.export import export_student
+from distill.student import build_student
+from store_schema.config import dumps_toml
+from vit_layers.checkpoint_writers import save_in_official_format
+from vit_layers.checkpoints import build_vit
+from vit_layers.forward import forward_visible
 
 # ----------------------------------------------------------------------------------------------
 # kNN

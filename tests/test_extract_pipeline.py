@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _extract_fixtures import all_rows, decoded, extract_config, write_tars
+
 from extract.cli import main as cli_main
 from extract.masks import draw_masks
 from extract.pipeline import SUMMARY_GROUP, ExtractionError, run_extraction
-from extract.teachers import load_teacher
 from extract.views import ViewParams, apply_view, draw_view
-from extract.vit_forward import forward_visible, patchify
 from store_schema.store import FeatureStore, unit_name
 from store_schema.writer import UnitWriter
+from vit_layers.checkpoints import load_teacher
+from vit_layers.forward import forward_visible, patchify
 
 SIZES = [5, 3, 6]  # samples per tar; batch_size 8 with 2 views = 4 samples per forward, so tars span batches
 

@@ -9,7 +9,7 @@ import torch
 from distill.demo.fixture_objectives import IBOT, MAE, MoCoV3, cosine_to_one, mocov3_mlp
 from distill.demo.fixture_recipe import FixtureRecipe
 from distill.demo.fixture_views import block_masks, random_keep
-from extract.teachers import build_vit
+from vit_layers.checkpoints import build_vit
 
 MEAN, STD = [0.31] * 3, [0.35] * 3
 R = FixtureRecipe()

@@ -27,7 +27,7 @@ from distill.demo.digits_data import digits_images
 from distill.demo.fixture_recipe import FixtureRecipe
 from distill.demo.run_demo import DEMO_TOML
 from distill.demo.teacher_fixtures import train_teacher
-from extract.teachers import state_dict_sha256
+from vit_layers.checkpoints import state_dict_sha256
 from store_schema.config import load_config
 
 global_seed, steps, recipe_seed = (int(a) for a in sys.argv[1:4])

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _extract_fixtures import extract_config, write_tars
 from _train_worker import build_store
+
 from distill.basis import cca_maps, effective_rank, pca_map
 from distill.cli import main as distill_main
 from distill.collapse import CollapseGuard, TargetCollapseError
 from distill.heads import TeacherAdapter
 from distill.model import CoMADDistiller
-from distill.student import student_forward
 from distill.store_dataset import StoreBatches, check_store_matches
+from distill.student import student_forward
 from distill.train import train
 from extract.pipeline import run_extraction
 from store_schema.cli import main as store_main
@@ -23,6 +23,7 @@ from store_schema.config import load_config
 from store_schema.joint_stats import JointStatsMissing, co_visible_rows, compute_joint_stats, read_joint_stats
 from store_schema.store import FeatureStore
 from store_schema.validate import validate_store
+from vit_layers.pixels import normalize_pixels
 
 TEACHERS = ("mae", "mocov3", "ibot")
 
@@ -230,7 +231,7 @@ def test_cls_fusion_gate_matches_the_gated_cls_targets(store_cfg):
             model.cls_head.proj.weight.normal_(0, 0.2)  # a query that is not the zero-init head's
         loss, metrics = model(batch)
         with torch.no_grad():
-            pixels = (batch["pixels"].float() / 255.0 - model.pixel_mean) / model.pixel_std
+            pixels = normalize_pixels(batch["pixels"], model.pixel_mean, model.pixel_std)
             cls = student_forward(model.student, pixels, batch["student_idx"])[0][:, 0]
             s = model.cls_head(cls)
             t = _adapted_cls(model, batch)  # (B, T, d)

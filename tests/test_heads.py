@@ -8,11 +8,12 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from distill.consensus_gate import consensus_gate
-from distill.heads import MaskedDecoder, Projector, TeacherAdapter, sincos_pos_embed_2d
+from distill.heads import MaskedDecoder, Projector, TeacherAdapter
 from distill.losses import MapKLLoss, TokenKLLoss
 from distill.student import build_student, student_forward
-from extract.vit_forward import patchify
 from store_schema.config import StudentConfig
+from vit_layers.forward import patchify
+from vit_layers.positions import sincos_pos_embed_2d
 
 IMG, PATCH, GRID = 32, 8, 4
 N = GRID * GRID

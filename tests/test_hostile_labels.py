@@ -5,17 +5,17 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from _extract_fixtures import extract_config
 from conftest import tiny_config
+from PIL import Image
+from wds_fixtures import good_samples, write_tar
+
 from distill.evaluate import evaluate_model, load_eval_model
 from extract.pipeline import run_extraction
-from extract.shards import MAX_LABEL, parse_label
 from store_schema.cli import main as store_cli
+from store_schema.shards import MAX_LABEL, parse_label
 from store_schema.store import FeatureStore, unit_name
 from store_schema.validate import validate_store
-from wds_fixtures import good_samples, write_tar
 
 GOOD = [(b"0", 0), (b"7", 7), (b" 12\n", 12), (b"+4", 4), (b"007", 7), (b"-0", 0), (b"2147483647", MAX_LABEL)]
 BAD = {  # bytes -> a word of the reason

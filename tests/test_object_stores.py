@@ -16,6 +16,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from _extract_fixtures import decoded, make_teachers, write_tars  # noqa: E402
 from conftest import PIPELINE_TOML, tiny_overrides  # noqa: E402
+
 from distill.cli import main as distill_main  # noqa: E402
 from extract.cli import main as extract_main  # noqa: E402
 from store_schema.storage import REDACTED, options_for, storage_overrides  # noqa: E402
@@ -231,12 +232,12 @@ def test_options_go_to_remote_urls_only_and_the_command_line_sets_every_section(
 # ---------------------------------------------------------------------------------------------- pipe: URLs
 
 def _read(url: str):
-    from extract.shards import iter_tar
+    from store_schema.shards import iter_tar
     return list(iter_tar(url, 89478485))
 
 
 def _same(a, b) -> bool:
-    from extract.shards import Sample
+    from store_schema.shards import Sample
     if type(a) is not type(b) or (a.index, a.key) != (b.index, b.key):
         return False
     if isinstance(a, Sample):
@@ -265,7 +266,7 @@ def test_pipe_cut_short_is_a_truncated_tar_as_for_a_file(tmp_path):
                                               ("cat {missing}", "exited with status 1"),
                                               ("head -c 3000 {tar}; exit 7", "exited with status 7")])
 def test_pipe_command_failing_is_an_io_error_of_that_tar(tmp_path, command, expected):
-    from extract.shards import ShardReadError
+    from store_schema.shards import ShardReadError
     tar = write_tars(tmp_path, [3])[0]
     url = "pipe:" + command.format(tar=tar, missing=tmp_path / "missing.tar")
     with pytest.raises(ShardReadError, match=expected) as info:
@@ -275,6 +276,7 @@ def test_pipe_command_failing_is_an_io_error_of_that_tar(tmp_path, command, expe
 
 def test_extraction_from_pipe_urls_stores_every_sample(tmp_path):
     from _extract_fixtures import extract_config
+
     from extract.pipeline import run_extraction
     from store_schema.store import unit_name
     tars = write_tars(tmp_path, [3, 2])

@@ -8,9 +8,9 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-
 from _extract_fixtures import all_rows, extract_config, write_tars
-from extract.online import LiveTeachers, OnlineBatches, online_loader
+
+from distill.online import LiveTeachers, OnlineBatches, online_loader
 from extract.pipeline import run_extraction
 from store_schema.store import FeatureStore
 

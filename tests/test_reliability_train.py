@@ -23,13 +23,13 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-
 from _train_worker import build_store
+
 from distill.checkpoint import latest_checkpoint
 from distill.cli import main as distill_cli
 from distill.export import export_student, resolve_checkpoint_dir
-from extract.teachers import load_teacher
 from store_schema.config import load_config
+from vit_layers.checkpoints import load_teacher
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -10,13 +10,29 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from wds_fixtures import (
+    good_samples,
+    make_image,
+    make_image_bytes,
+    make_png_header_bytes,
+    member_offsets,
+    truncate,
+    write_members,
+    write_tar,
+)
 from webdataset.tariterators import base_plus_ext
 
-from extract.shards import (ImageDecodeError, Sample, ShardReadError, Skipped, decode_image, expand_urls,
-                            iter_tar, split_key)
 from extract.views import ViewParams, apply_view
-from wds_fixtures import (good_samples, make_image, make_image_bytes, make_png_header_bytes, member_offsets,
-                          truncate, write_members, write_tar)
+from store_schema.shards import (
+    ImageDecodeError,
+    Sample,
+    ShardReadError,
+    Skipped,
+    decode_image,
+    expand_urls,
+    iter_tar,
+    split_key,
+)
 
 BIG = 89478485  # the shipped data.max_image_pixels
 

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from extract.shards import ImageDecodeError, decode_image
+from store_schema.shards import ImageDecodeError, decode_image
 from store_schema.skips import SkipKind, count_kinds, kind_of, skip_record
 
 # The list extraction counted by before kinds existed, in its order: a record without `kind` reads by it.

@@ -5,12 +5,12 @@ import csv
 import math
 
 import pytest
+from _train_worker import build_store
 
-import distill.evaluate  # noqa: F401 -- imported before no_teachers patches extract.teachers: a module
+import distill.evaluate  # noqa: F401 -- imported before no_teachers patches vit_layers.checkpoints: a module
 import distill.sweep as sweep_mod  # first imported under the patch would bind the stub for good
 import extract.pipeline  # noqa: F401
-import extract.teachers
-from _train_worker import build_store
+import vit_layers.checkpoints
 from distill.checkpoint import latest_checkpoint
 from distill.cli import main as cli_main
 from store_schema.config import ConfigError, load_config
@@ -18,10 +18,10 @@ from store_schema.config import ConfigError, load_config
 
 @pytest.fixture
 def no_teachers(monkeypatch):
-    """Every way into a teacher model raises: extract.teachers.load_teacher and the names bound to it."""
+    """Every way into a teacher model raises: vit_layers.checkpoints.load_teacher and the names bound to it."""
     def refuse(*args, **kwargs):
         raise AssertionError("a sweep must not load a teacher: it trains from the store")
-    monkeypatch.setattr(extract.teachers, "load_teacher", refuse)
+    monkeypatch.setattr(vit_layers.checkpoints, "load_teacher", refuse)
     for module in ("extract.pipeline", "distill.evaluate"):
         monkeypatch.setattr(f"{module}.load_teacher", refuse)
 

@@ -8,16 +8,16 @@ import pytest
 import timm
 import torch
 
-from extract.teachers import (
+from store_schema.config import TeacherConfig
+from vit_layers.checkpoint_writers import save_in_official_format
+from vit_layers.checkpoints import (
     build_vit,
     convert_checkpoint,
     load_state_dict_file,
     load_teacher,
-    save_in_official_format,
     state_dict_sha256,
 )
-from extract.vit_forward import forward_visible
-from store_schema.config import TeacherConfig
+from vit_layers.forward import forward_visible
 
 IMG, PATCH = 32, 8
 N = (IMG // PATCH) ** 2

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from extract.vit_forward import (
+from vit_layers.forward import (
     check_supported_vit,
     embed_image_tokens,
     embed_patch_pixels,

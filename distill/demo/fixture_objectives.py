@@ -13,7 +13,7 @@
 Each objective owns its networks; ``loss(x, progress)`` takes images in [0, 1] (B, 3, H, W) and the
 fraction of training done; ``after_step`` runs after the optimiser step; ``backbone()`` is the ViT the
 fixture is (the MAE encoder, the MoCo v3 base encoder, the iBOT EMA teacher); ``checkpoint()`` is the
-object saved in the method's official file layout, read back by ``extract.teachers.load_teacher``.
+object saved in the method's official file layout, read back by ``vit_layers.checkpoints.load_teacher``.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from distill.demo.fixture_recipe import FixtureRecipe
 from distill.demo.fixture_views import block_masks, jittered_view, random_keep, random_resized_crop
-from distill.heads import sincos_pos_embed_2d
-from extract.vit_forward import encode_tokens, forward_visible, patchify
+from vit_layers.forward import encode_tokens, forward_visible, patchify
+from vit_layers.positions import sincos_pos_embed_2d
 
 OBJECTIVES = {"mae": "masked_reconstruction", "mocov3": "momentum_contrastive", "ibot": "masked_self_distillation"}
 

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 import timm
+import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -43,9 +43,9 @@ from torch import Tensor
 from distill.demo.digits_data import digits_images, stratified_split
 from distill.demo.fixture_objectives import OBJECTIVES, build_objective
 from distill.demo.fixture_recipe import FixtureRecipe
-from distill.heads import sincos_pos_embed_2d
-from extract.teachers import build_vit, state_dict_sha256
 from store_schema.config import PipelineConfig, TeacherConfig
+from vit_layers.checkpoints import build_vit, state_dict_sha256
+from vit_layers.positions import sincos_pos_embed_2d
 
 __all__ = ["OBJECTIVES", "FixtureRecipe", "TrainedFixture", "ensure_teachers", "fixture_key", "train_teacher"]
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 from timm.layers import PatchEmbed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
 __all__ = [
     "check_supported_vit",

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from extract.masks import generator_for
 from extract.pipeline import load_teachers
 from extract.prepare import prepare_view, teacher_forward
-from extract.shards import Sample, expand_urls, iter_tar
 from store_schema.collective import identity
 from store_schema.config import PipelineConfig
+from store_schema.shards import Sample, expand_urls, iter_tar
 
 
 class OnlineBatches(IterableDataset):
