@@ -35,6 +35,7 @@ from distill.basis import effective_rank
 from distill.store_dataset import check_store_matches
 from store_schema.config import ConfigError, PipelineConfig, load_config
 from store_schema.joint_stats import joint_stats_record
+from store_schema.layout import BASE_ARRAYS, READ_KEYS
 from store_schema.store import FeatureStore, StoreError, TeacherMeta, _group_exists
 from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
@@ -147,9 +148,9 @@ def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float1
             trows[t] = TeacherRows(stack(lambda x: x["teachers"][t]["idx"]),
                                    stack(lambda x: mapped(x["teachers"][t]["patch"])),
                                    stack(lambda x: mapped(x["teachers"][t]["cls"])))
-        rows = UnitRows(keys=src.keys(u.name), index=views[0]["index"], label=views[0]["label"],
-                        views=stack(lambda x: x["views"]), student_idx=stack(lambda x: x["student_idx"]),
-                        student_pixels=stack(lambda x: x["pixels"]), teachers=trows)
+        base = {s.name: stack(lambda x, k=READ_KEYS.get(s.name, s.name): x[k]) if s.per_view
+                else views[0][READ_KEYS.get(s.name, s.name)] for s in BASE_ARRAYS}  # copied as they are
+        rows = UnitRows(keys=src.keys(u.name), **base, teachers=trows)
         w_ = UnitWriter(dst, u.source)
         w_.append(rows)
         w_.skips = list(src.unit_record(u.name).get("skipped", []))

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.basis import cca_maps, effective_rank
+from distill.batch import StudentBatch
 from distill.consensus_gate import consensus_gate, gate_statistics
 from distill.heads import MaskedDecoder, Projector, TeacherAdapter
 from distill.losses import MapKLLoss, TokenKLLoss
@@ -169,11 +170,8 @@ class CoMADDistiller(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """One batch -> (loss, detached metrics).
-
-        batch: pixels uint8 (B, Ks, 3, p, p); student_idx int64 (B, Ks); teacher_idx {t: (B, Kt)};
-        teacher_patch {t: float (B, Kt, D_t)}; teacher_cls {t: float (B, D_t)} when loss.cls_weight > 0.
+    def forward(self, batch: StudentBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """One batch (distill/batch.py; its targets decoded, float) -> (loss, detached metrics).
         Metrics: loss, loss_token, loss_map, [loss_cls], gate_weight/<t>, gate_entropy, covered_fraction,
         and target_std/<t> with trainable adapters.
         """
@@ -198,7 +196,7 @@ class CoMADDistiller(nn.Module):
         metrics.update(self._gate_metrics(weights, visible, targets))
         return loss, metrics
 
-    def _targets(self, batch: dict, n: int) -> tuple[Tensor, Tensor]:
+    def _targets(self, batch: StudentBatch, n: int) -> tuple[Tensor, Tensor]:
         """Adapted teacher tokens on the full grid (B, T, N, d), zero where unseen, and visibility (B, T, N)."""
         targets, visible = [], []
         for t in self.teacher_names:

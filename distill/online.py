@@ -18,13 +18,14 @@ extraction would store, instead of reading the store.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distill.batch import OnlineBatch
 from extract.masks import generator_for
 from extract.pipeline import load_teachers
 from extract.prepare import prepare_view, teacher_forward
@@ -34,11 +35,8 @@ from store_schema.shards import Sample, expand_urls, iter_tar
 
 
 class OnlineBatches(IterableDataset):
-    """Batches of cfg.train.batch_size samples, one view each:
-
-    {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks), "teacher_idx": {t: int64 (B,Kt)},
-     "view_images": uint8 (B,3,H,W), "keys": list[str], "view": int64 (B,), "epoch": int64 (B,)}
-    """
+    """Batches of cfg.train.batch_size samples, one view each: OnlineBatch (distill/batch.py), the
+    teachers' targets still to come (LiveTeachers)."""
 
     def __init__(self, cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0):
         urls = expand_urls(cfg.data.urls, cfg.data.storage_options)
@@ -50,7 +48,7 @@ class OnlineBatches(IterableDataset):
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[OnlineBatch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         active = min(workers, len(self.urls))  # a worker without a tar ends at once; the rest take turns
@@ -91,7 +89,7 @@ class OnlineBatches(IterableDataset):
             if n == 0:
                 raise ValueError(f"no decodable sample in the training tars {urls[:3]}... of this worker")
 
-    def _batch(self, items: list[tuple[int, str, Image.Image]]) -> dict[str, Any]:
+    def _batch(self, items: list[tuple[int, str, Image.Image]]) -> OnlineBatch:
         V = self.cfg.views.num_views
         views = [prepare_view(self.cfg, image, key, epoch % V) for epoch, key, image in items]
         return {
@@ -130,8 +128,8 @@ class LiveTeachers(nn.Module):
     def train(self, mode: bool = True) -> "LiveTeachers":
         return super().train(False)  # a frozen teacher never switches to training behaviour
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = dict(batch)
+    def forward(self, batch: OnlineBatch) -> OnlineBatch:
+        out = OnlineBatch(**batch)
         out["teacher_patch"], out["teacher_cls"] = {}, {}
         for name, model in self.teachers.items():
             tc = self.cfg.teachers[name]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from distill.batch import StudentBatch
 from distill.batch_pool import TORCH_DTYPES, BatchPool
 from store_schema.config import PipelineConfig
 from store_schema.fingerprint import TRAINING_FIELDS, StoreMismatchError, fingerprint_from_config
@@ -66,10 +67,9 @@ def check_store_matches(cfg: PipelineConfig, storage_options: dict | None = None
 class StoreBatches(torch.utils.data.IterableDataset):
     """Endless training batches of one process (rank): epoch after epoch, from `start_step` on.
 
-    Each item: {"pixels": uint8 (B,Ks,3,p,p), "student_idx": int64 (B,Ks),
-    "teacher_idx": {t: int64 (B,Kt)}, "teacher_patch": {t: float16 or float32 (B,Kt,D)}}, the teachers being
-    distilled (train.teachers) in store order, CPU tensors, plus "teacher_cls" {t: (B,D)} when
-    loss.cls_weight > 0. A float16 store's targets stay float16 (the model converts them on its device:
+    Each item is a StudentBatch (distill/batch.py) of CPU tensors, with "teacher_patch" {t: float16 or float32
+    (B,Kt,D)} for the teachers being distilled (train.teachers) in store order, plus "teacher_cls" {t: (B,D)}
+    when loss.cls_weight > 0. A float16 store's targets stay float16 (the model converts them on its device:
     half the bytes through the loader and worker queue). With `int8_targets=True` an int8 store's
     targets stay int8 too, with "teacher_patch_scale" {t: float32 (B,Kt)} (and "teacher_cls_scale"
     {t: (B,)}) beside them, decoded on the device by dequantize_targets (the trainer does this); by
@@ -204,7 +204,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
                                     cls=self.read_cls, keep_float16=True, keep_int8=self.int8_targets,
                                     engine=self.engine)
             teachers = data["teachers"]
-            out = {"pixels": data["pixels"], "student_idx": data["student_idx"],
+            out: StudentBatch = {"pixels": data["pixels"], "student_idx": data["student_idx"],
                    "teacher_idx": {t: v["idx"] for t, v in teachers.items()},
                    "teacher_patch": {t: v["patch"] for t, v in teachers.items()}}
             if self.read_cls:
@@ -285,7 +285,7 @@ def _tree(fn: Callable[..., Any], *trees: Any) -> Any:
     return fn(*trees)
 
 
-def dequantize_targets(batch: dict[str, Any]) -> dict[str, Any]:
+def dequantize_targets(batch: StudentBatch) -> StudentBatch:
     """Decode an int8 store's targets where the batch is (the trainer calls it after moving it to the device).
 
     StoreBatches(int8_targets=True) delivers an int8 store's features as stored — int8 values plus

@@ -27,6 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from distill.batch import StudentBatch
 from distill.checkpoint import (
     ResumeError,
     check_resumable,
@@ -112,7 +113,7 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- one step
 
-def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: Any,
+def train_step(model: nn.Module, batch: StudentBatch, optimizer: torch.optim.Optimizer, scheduler: Any,
                accelerator: Accelerator, grad_clip: float) -> tuple[dict[str, Tensor], bool]:
     """Forward, backward, clip, update. Returns (metrics, applied); a non-finite loss or gradient norm
     on ANY rank skips the update on every rank (a DDP collective must never be half-entered)."""
@@ -142,7 +143,7 @@ def _all_finite(loss: Tensor, accelerator: Accelerator) -> bool:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
+def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: int) -> Iterator[StudentBatch]:
     """This rank's batches from global step `start_step` on (endless; order fixed by rank, world, workers)."""
     if cfg.train.targets == "online":
         return iter(online_loader(cfg, rank, world_size, start_step))
@@ -392,7 +393,7 @@ class NonFiniteSteps:
                 f"features for NaN/inf, lower optim.base_lr, or resume from {latest_checkpoint(self.run_dir)}")
 
 
-def next_batch(batches: Iterator[dict], live: LiveTeachers | None, accelerator: Accelerator) -> dict:
+def next_batch(batches: Iterator[StudentBatch], live: LiveTeachers | None, accelerator: Accelerator) -> StudentBatch:
     """The next batch on the device with its targets: decoded from the store, or the live teachers'."""
     batch = dequantize_targets(to_device(next(batches), accelerator.device))
     if live is not None:

@@ -14,29 +14,19 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
+from .layout import unit_arrays
 from .lock import LOCK_KEY
 from .skips import count_kinds
-from .store import TEACHER_ATTR, VIEW_PARAMS, FeatureStore
+from .store import TEACHER_ATTR, FeatureStore
 
 RUNS_GROUP = "extract_runs"  # attrs["runs"]: comad-extract appends one summary (a dict) per finished run
 FAILED = "failed"  # unit status of an input tar that could not be read; the reason is its one skip record
 
 
 def expected_arrays(meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str, bool]]:
-    """Data arrays of one unit: path -> (shape after the row axis (and view axis), dtype, per_view)."""
-    p, ks, dtype = meta["patch_size"], meta["student_tokens"], meta["dtype"]
-    out = {"index": ((), "int64", False), "label": ((), "int64", False),
-           "views": ((VIEW_PARAMS,), "float32", True), "student_idx": ((ks,), "int32", True),
-           "student_pixels": ((ks, 3, p, p), "uint8", True)}
-    for t in meta["teacher_order"]:
-        kt, d = meta["teachers"][t]["tokens"], meta["teachers"][t]["dim"]
-        out[f"teachers/{t}/idx"] = ((kt,), "int32", True)
-        out[f"teachers/{t}/patch"] = ((kt, d), dtype, True)
-        out[f"teachers/{t}/cls"] = ((d,), dtype, True)
-        if dtype == "int8":
-            out[f"teachers/{t}/patch_scale"] = ((kt,), "float32", True)
-            out[f"teachers/{t}/cls_scale"] = ((), "float32", True)
-    return out
+    """Data arrays of one unit (store_schema.layout): path -> (shape after the row (and view) axis, dtype,
+    per_view)."""
+    return {a.path: (a.row_shape, a.dtype, a.per_view) for a in unit_arrays(meta)}
 
 
 def object_sizes(store: FeatureStore, prefix: str) -> dict[str, int]:

@@ -30,6 +30,7 @@ from .chunkread import ChunkReader, Unsupported
 from .codec import all_finite, decode_features
 from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
+from .layout import READ_KEYS, unit_arrays
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
 from .oserrors import STORE_OS_ERRORS, raise_store_error
@@ -37,7 +38,6 @@ from .skips import SkipKind, skip_record
 from .stats import RunningStats
 
 ROOT_ATTR, UNIT_ATTR, TEACHER_ATTR = "comad", "comad_unit", "comad_teacher"
-VIEW_PARAMS = 5  # top, left, height, width (normalised to the source image), flip
 UNREADABLE = "unreadable"  # unit_record()'s status for a unit whose zarr.json is missing or torn
 
 
@@ -252,14 +252,9 @@ class FeatureStore:
             return []
         prefix = f"{self.group.path}/units/{unit}/" if self.group.path else f"units/{unit}/"
         present = set(sync(_collect(self.group.store.list_prefix(prefix))))
-        paths = ["index", "label", "views", "student_idx", "student_pixels"]
-        for t in teachers or self.teachers:
-            paths += [f"teachers/{t}/{a}" for a in ("idx", "patch", "cls")]
-            if self.meta["dtype"] == "int8":
-                paths += [f"teachers/{t}/patch_scale", f"teachers/{t}/cls_scale"]
         missing = []
-        for path in paths:
-            ndim = self.array(f"units/{unit}/{path}").ndim
+        for a in unit_arrays(self.meta, teachers or self.teachers):
+            path, ndim = a.path, 1 + a.per_view + len(a.row_shape)
             for i in range((n + shard - 1) // shard):
                 key = prefix + path + "/c/" + "/".join([str(i)] + ["0"] * (ndim - 1))
                 if key not in present:
@@ -293,37 +288,30 @@ class FeatureStore:
                 raise StoreError(f"{self.root}: unit {unit} is damaged: {len(missing)} shard file(s) missing, e.g. "
                                  f"{missing[0]}. Run `comad-store validate {self.root}`; re-extract that unit.")
             self._checked_units.add(unit)
-        u = f"units/{unit}"
         int8 = self.meta["dtype"] == "int8"
         teachers = teachers or self.teachers
-        want: list[tuple[str, bool]] = [(f"{u}/student_idx", True)]  # (array path, per view)
-        if meta:
-            want += [(f"{u}/views", True), (f"{u}/index", False), (f"{u}/label", False)]
-        if pixels:
-            want.append((f"{u}/student_pixels", True))
-        for t in teachers:
-            feats = ("idx", "patch") + (("cls",) if cls else ())
-            scales = (("patch_scale",) + (("cls_scale",) if cls else ())) if int8 else ()
-            want += [(f"{u}/teachers/{t}/{a}", True) for a in feats + scales]
-        got_raw = self._read_rows(want, start, stop, view, engine)
-        a = dict(zip((p for p, _ in want), got_raw))
-        out: dict[str, Any] = {"student_idx": a[f"{u}/student_idx"].astype(np.int64), "teachers": {}}
-        if meta:
-            out["views"], out["index"], out["label"] = a[f"{u}/views"], a[f"{u}/index"], a[f"{u}/label"]
-        if pixels:
-            out["pixels"] = a[f"{u}/student_pixels"]
+        parts = ("core",) + ("meta",) * meta + ("pixels",) * pixels + ("cls",) * cls
+        arrays = unit_arrays(self.meta, teachers, parts=parts)
+        got_raw = self._read_rows([(f"units/{unit}/{a.path}", a.per_view) for a in arrays], start, stop, view, engine)
+        base = {READ_KEYS.get(a.spec.name, a.spec.name): x for a, x in zip(arrays, got_raw) if a.teacher is None}
+        per_teacher: dict[str, dict[str, np.ndarray]] = {t: {} for t in teachers}
+        for a, x in zip(arrays, got_raw):
+            if a.teacher is not None:
+                per_teacher[a.teacher][a.spec.name] = x
+        out: dict[str, Any] = {"student_idx": base.pop("student_idx").astype(np.int64), "teachers": {}}
+        out.update(base)  # pixels with pixels=True; views, index, label with meta=True
         n_patches = int(self.meta["num_patches"])
         where = f"{self.root}: unit {unit} rows {start}-{stop} view {view}"
         _check_indices(out["student_idx"], n_patches, f"{where} student_idx")
         for t in teachers:
-            tp = f"{u}/teachers/{t}"
-            got = {"idx": a[f"{tp}/idx"].astype(np.int64)}
+            a = per_teacher[t]
+            got = {"idx": a["idx"].astype(np.int64)}
             for k in ("patch", "cls") if cls else ("patch",):
-                scale = a[f"{tp}/{k}_scale"] if int8 else None
+                scale = a[f"{k}_scale"] if int8 else None
                 if int8 and keep_int8:
-                    got[k], got[f"{k}_scale"] = a[f"{tp}/{k}"], scale
+                    got[k], got[f"{k}_scale"] = a[k], scale
                 else:
-                    got[k] = decode_features(a[f"{tp}/{k}"], scale, keep_float16)
+                    got[k] = decode_features(a[k], scale, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
             checked = [got[k] for k in ("patch", "cls", "patch_scale", "cls_scale")
                        if k in got and got[k].dtype.kind == "f"]

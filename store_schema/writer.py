@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -17,10 +17,11 @@ from zarr.core.sync import sync
 
 from .codec import compressors_for, encode_features
 from .faults import fault_point
+from .layout import BASE_ARRAYS, unit_arrays
 from .skips import SkipKind, skip_record
 from .stats import RunningStats
-from .store import (TEACHER_ATTR, UNIT_ATTR, VIEW_PARAMS, FeatureStore, StoreError, UnitInfo, _check_indices,
-                    local_dir, unit_name)
+from .store import (TEACHER_ATTR, UNIT_ATTR, FeatureStore, StoreError, UnitInfo, _check_indices, local_dir,
+                    unit_name)
 
 # What a read returns where a chunk is missing: impossible values, so a lost shard can never pass as data
 # (uint8 pixels have no impossible value; shard presence is checked separately, see FeatureStore.missing_shards).
@@ -29,6 +30,8 @@ _MISSING = {"float32": np.nan, "float16": np.nan, "int32": -1, "int64": -1, "int
 
 @dataclass
 class TeacherRows:
+    """m samples of one teacher, before encoding; a field per array of store_schema.layout.TEACHER_ARRAYS
+    (the int8 scales come from the encoding)."""
     idx: np.ndarray  # (m, V, Kt) visible token indices, sorted
     patch: np.ndarray  # (m, V, Kt, D) float32 features after the final norm
     cls: np.ndarray  # (m, V, D) float32
@@ -36,7 +39,8 @@ class TeacherRows:
 
 @dataclass
 class UnitRows:
-    """m samples of one unit, all V views each. Base fields are None when only adding a teacher."""
+    """m samples of one unit, all V views each: a field per array of store_schema.layout.BASE_ARRAYS.
+    Base fields are None when only adding a teacher."""
     keys: list[str]
     index: np.ndarray  # (m,) int64 ordinal of the sample in its tar
     label: np.ndarray | None  # (m,) int64, -1 where the sample has no `cls`
@@ -100,23 +104,10 @@ class UnitWriter:
             config={"write_empty_chunks": True})  # an all-fill shard (unlabelled: all -1) must exist too
 
     def _create_arrays(self) -> None:
-        m = self.store.meta
-        p, ks = m["patch_size"], m["student_tokens"]
-        if self.base:
-            self._new("index", (), "int64", per_view=False)
-            self._new("label", (), "int64", per_view=False)
-            self._new("views", (VIEW_PARAMS,), "float32")
-            self._new("student_idx", (ks,), "int32")
-            self._new("student_pixels", (ks, 3, p, p), "uint8")
         for t in self.teachers:
-            tm = self.store.teacher_meta(t)
             self.group.create_group(f"teachers/{t}", attributes={TEACHER_ATTR: {"status": "writing"}})
-            self._new(f"teachers/{t}/idx", (tm.tokens,), "int32")
-            self._new(f"teachers/{t}/patch", (tm.tokens, tm.dim), self.dtype)
-            self._new(f"teachers/{t}/cls", (tm.dim,), self.dtype)
-            if self.dtype == "int8":
-                self._new(f"teachers/{t}/patch_scale", (tm.tokens,), "float32")
-                self._new(f"teachers/{t}/cls_scale", (), "float32")
+        for a in unit_arrays(self.store.meta, self.teachers, base=self.base):
+            self._new(a.path, a.row_shape, a.dtype, a.per_view)
 
     def append(self, rows: UnitRows) -> None:
         if len(rows) == 0:
@@ -206,17 +197,9 @@ class UnitWriter:
         head, tail = split_rows(rows, n)
         self.buffer, self.buffered = ([tail], len(tail)) if len(tail) else ([], 0)
         a, b = self.written, self.written + n
-        data: dict[str, np.ndarray] = {}
-        if self.base:
-            data.update(index=head.index, label=head.label, views=head.views,
-                        student_idx=head.student_idx, student_pixels=head.student_pixels)
-        for t in self.teachers:
-            tr = head.teachers[t]
-            patch, pscale = encode_features(tr.patch, self.dtype)
-            cls, cscale = encode_features(tr.cls, self.dtype)
-            data[f"teachers/{t}/idx"], data[f"teachers/{t}/patch"], data[f"teachers/{t}/cls"] = tr.idx, patch, cls
-            if pscale is not None:
-                data[f"teachers/{t}/patch_scale"], data[f"teachers/{t}/cls_scale"] = pscale, cscale
+        encoded = {t: _encode(head.teachers[t], self.dtype) for t in self.teachers}
+        data = {a.path: getattr(head, a.spec.name) if a.teacher is None else encoded[a.teacher][a.spec.name]
+                for a in unit_arrays(self.store.meta, self.teachers, base=self.base)}
         for i, (path, value) in enumerate(data.items()):
             arr = self._arrays[path]
             arr.resize((b, *arr.shape[1:]))
@@ -228,29 +211,36 @@ class UnitWriter:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+_BASE_FIELDS = tuple(spec.name for spec in BASE_ARRAYS)
+_TEACHER_FIELDS = tuple(f.name for f in fields(TeacherRows))
+
+
+def _encode(rows: TeacherRows, dtype: str) -> dict[str, np.ndarray | None]:
+    """A teacher's rows as stored: TEACHER_ARRAYS name -> array (the scales None unless int8)."""
+    patch, patch_scale = encode_features(rows.patch, dtype)
+    cls, cls_scale = encode_features(rows.cls, dtype)
+    return {"idx": rows.idx, "patch": patch, "cls": cls, "patch_scale": patch_scale, "cls_scale": cls_scale}
+
+
 def _concat(parts: list[UnitRows]) -> UnitRows:
     if len(parts) == 1:
         return parts[0]
-    cat = lambda xs: None if xs[0] is None else np.concatenate(xs)  # noqa: E731
-    return UnitRows(
-        keys=[k for p in parts for k in p.keys], index=cat([p.index for p in parts]),
-        label=cat([p.label for p in parts]), views=cat([p.views for p in parts]),
-        student_idx=cat([p.student_idx for p in parts]), student_pixels=cat([p.student_pixels for p in parts]),
-        teachers={t: TeacherRows(*(np.concatenate([getattr(p.teachers[t], f) for p in parts])
-                                   for f in ("idx", "patch", "cls"))) for t in parts[0].teachers})
+    def cat(xs):
+        return None if xs[0] is None else np.concatenate(xs)
+    base = {f: cat([getattr(p, f) for p in parts]) for f in _BASE_FIELDS}
+    teachers = {t: TeacherRows(*(cat([getattr(p.teachers[t], f) for p in parts]) for f in _TEACHER_FIELDS))
+                for t in parts[0].teachers}
+    return UnitRows(keys=[k for p in parts for k in p.keys], **base, teachers=teachers)
 
 
 def split_rows(rows: UnitRows, n: int) -> tuple[UnitRows, UnitRows]:
     """(the first n rows, the rest); a view of the arrays, not a copy."""
     def cut(x, sl):
         return None if x is None else x[sl]
-    halves = []
-    for sl in (slice(0, n), slice(n, None)):
-        halves.append(UnitRows(
-            keys=rows.keys[sl], index=cut(rows.index, sl), label=cut(rows.label, sl), views=cut(rows.views, sl),
-            student_idx=cut(rows.student_idx, sl), student_pixels=cut(rows.student_pixels, sl),
-            teachers={t: TeacherRows(tr.idx[sl], tr.patch[sl], tr.cls[sl]) for t, tr in rows.teachers.items()}))
-    return halves[0], halves[1]
+    return tuple(UnitRows(keys=rows.keys[sl], **{f: cut(getattr(rows, f), sl) for f in _BASE_FIELDS},
+                          teachers={t: TeacherRows(*(getattr(tr, f)[sl] for f in _TEACHER_FIELDS))
+                                    for t, tr in rows.teachers.items()})
+                 for sl in (slice(0, n), slice(n, None)))
 
 
 def _delete_dir(store: FeatureStore, path: str) -> None:
