@@ -31,7 +31,7 @@ from distill.batch import StudentBatch
 from distill.batch_pool import TORCH_DTYPES, BatchPool
 from store_schema.config import PipelineConfig
 from store_schema.fingerprint import TRAINING_FIELDS, StoreMismatchError, fingerprint_from_config
-from store_schema.store import FeatureStore, StoreError
+from store_schema.store import FeatureStore, StoreError, UnitInfo
 
 # Independent random streams under one seed: the tag keeps (seed, e) of one from meeting another's.
 _ORDER, _VIEW, _WINDOW = 0, 1, 2
@@ -76,10 +76,13 @@ class StoreBatches(torch.utils.data.IterableDataset):
     default they arrive decoded, float32. View boxes and labels are not read, nor CLS features without
     a CLS term: the trainer uses none of them. `engine` chooses how blocks are read (ENGINES).
     Global step s of this rank is the s-th item of a run started at 0; the trainer stops the loop.
+    `store` / `units`: an already checked store and the complete units to train on (the trainer's, listed
+    once at set-up); by default the store is checked here and its complete units listed now.
     """
 
     def __init__(self, cfg: PipelineConfig, rank: int, world_size: int, start_step: int = 0,
-                 storage_options: dict | None = None, engine: str = ENGINES[-1], int8_targets: bool = False):
+                 storage_options: dict | None = None, engine: str = ENGINES[-1], int8_targets: bool = False,
+                 store: FeatureStore | None = None, units: list[UnitInfo] | None = None):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine = {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -90,7 +93,8 @@ class StoreBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"start_step = {start_step} must be >= 0")
         if cfg.seed < 0:
             raise ValueError(f"seed = {cfg.seed}: the data order needs a seed >= 0")
-        store = check_store_matches(cfg, storage_options)  # the main process only; workers reopen
+        if store is None:  # the trainer passes the store it checked (and the units all ranks agreed on)
+            store = check_store_matches(cfg, storage_options)  # the main process only; workers reopen
         self.root, self.storage_options = cfg.store.root, storage_options
         self.seed, self.rank, self.world_size, self.start_step = cfg.seed, rank, world_size, start_step
         self.batch_size, self.window = cfg.train.batch_size, cfg.train.shuffle_window
@@ -107,7 +111,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.blocks: list[tuple[str, int, int]] = []  # (unit, start, stop)
         sizes: list[int] = []  # usable rows per block
         self.kept_rows: dict[int, np.ndarray] = {}  # block -> usable row offsets, only where rows are excluded
-        units = store.units()
+        units = store.units() if units is None else units
         for u in units:
             excluded = np.asarray(u.excluded_rows, dtype=np.int64)
             for start in range(0, u.n_samples, chunk):

@@ -47,6 +47,7 @@ from store_schema.config import ConfigError, PipelineConfig, dumps_toml
 from store_schema.faults import fault_point
 from store_schema.joint_stats import read_joint_stats
 from store_schema.storage import check_reachable
+from store_schema.store import UnitInfo
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,20 +144,15 @@ def _all_finite(loss: Tensor, accelerator: Accelerator) -> bool:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def make_batches(cfg: PipelineConfig, rank: int, world_size: int, start_step: int) -> Iterator[StudentBatch]:
-    """This rank's batches from global step `start_step` on (endless; order fixed by rank, world, workers)."""
+def make_batches(run: Run, start_step: int) -> Iterator[StudentBatch]:
+    """This rank's batches from global step `start_step` on (endless; order fixed by rank, world, workers),
+    from the store and units that set_up checked and found equal on every rank."""
+    cfg = run.cfg
     if cfg.train.targets == "online":
-        return iter(online_loader(cfg, rank, world_size, start_step))
+        return iter(online_loader(cfg, run.rank, run.world, start_step))
     # int8 stores: targets travel as int8 + scale and are decoded on the device (dequantize_targets below).
-    dataset = StoreBatches(cfg, rank, world_size, start_step, storage_options=cfg.store.storage_options or None,
-                           int8_targets=True)
-    # Each rank lists the store's units itself; if extraction completed a unit in between, ranks would
-    # disagree on the epoch length and DDP would hang at the first uneven step. Refuse instead.
-    plans = _all_gather((dataset.steps_per_epoch, dataset.num_samples), world_size)
-    if len(set(plans)) > 1:
-        raise RuntimeError(f"processes see different store contents (steps per epoch, samples) = {plans}: the "
-                           "store changed while training started (is comad-extract still running?); retry when "
-                           "it has finished")
+    dataset = StoreBatches(cfg, run.rank, run.world, start_step, storage_options=cfg.store.storage_options or None,
+                           int8_targets=True, store=run.store, units=run.units)
     return iter(make_loader(dataset, cfg.train.num_workers))
 
 
@@ -204,12 +200,12 @@ def target_statistics(cfg: PipelineConfig, store) -> tuple[dict | None, tuple | 
     return stats, (joint, dims)
 
 
-def data_identity(cfg: PipelineConfig, store) -> dict[str, Any]:
+def data_identity(cfg: PipelineConfig, units: list[UnitInfo] | None) -> dict[str, Any]:
     """What the data order depends on beyond the config: the store's complete units (a store extended
     since the checkpoint gives other epochs), or the online input list."""
     if cfg.train.targets == "online":
         return {"online_urls_sha1": hashlib.sha1(json.dumps(cfg.data.urls).encode()).hexdigest()[:16]}
-    units = [(u.name, u.n_samples, list(u.excluded_rows)) for u in store.units()]
+    units = [(u.name, u.n_samples, list(u.excluded_rows)) for u in units]
     return {"store_units": len(units), "store_samples": sum(n - len(x) for _, n, x in units),
             "store_units_sha1": hashlib.sha1(json.dumps(units).encode()).hexdigest()[:16]}
 
@@ -277,6 +273,7 @@ class Run:
     main: bool
     run_dir: Path
     store: Any  # the checked FeatureStore, or None (online targets needing no statistics)
+    units: list[UnitInfo] | None  # the store's complete units, the same on every rank: the data trained on
     data: dict[str, Any]  # data_identity: what a resume must find unchanged
     ckpt: Path | None  # the checkpoint to resume from
 
@@ -308,7 +305,10 @@ def set_up(cfg: PipelineConfig, resume: bool) -> Run:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.train.run_dir)
     store = open_store(cfg)
-    data = data_identity(cfg, store)
+    # Each rank lists the units once, here; StoreBatches trains on this list. Were extraction to complete a
+    # unit in between, ranks would disagree on the epoch length and DDP would hang at the first uneven step.
+    units = store.units() if store is not None and cfg.train.targets == "store" else None
+    data = data_identity(cfg, units)
     if len({json.dumps(d, sort_keys=True) for d in _all_gather(data, world)}) > 1:
         raise RuntimeError("processes see different store contents (complete units): the store changed while "
                            "training started (is comad-extract still running?); retry when it has finished")
@@ -318,7 +318,7 @@ def set_up(cfg: PipelineConfig, resume: bool) -> Run:
                           "--resume to continue that run, or set another train.run_dir")
     if ckpt is not None:
         check_resumable(ckpt, cfg, world, cfg.train.num_workers, data)
-    return Run(cfg, accelerator, rank, world, main, run_dir, store, data, ckpt)
+    return Run(cfg, accelerator, rank, world, main, run_dir, store, units, data, ckpt)
 
 
 def build_model(run: Run) -> tuple[CoMADDistiller, LiveTeachers | None]:
@@ -413,7 +413,7 @@ def train(cfg: PipelineConfig, resume: bool = False) -> dict[str, Any]:
     last_row: dict[str, Any] = {}
     bad = NonFiniteSteps(run)
     collapse = CollapseGuard(cfg)
-    batches = make_batches(cfg, run.rank, run.world, step) if step < tr.steps else iter(())
+    batches = make_batches(run, step) if step < tr.steps else iter(())
     bar = tqdm(total=tr.steps, initial=step, disable=not run.main, dynamic_ncols=True, desc="train")
     model.train()
     try:

@@ -78,9 +78,9 @@ def main() -> int:
 
 
 def _poisoned(make_batches, bad_rank: int, bad_step: int):
-    def poisoned(cfg, rank, world_size, start_step):
-        for step, batch in enumerate(make_batches(cfg, rank, world_size, start_step), start=start_step + 1):
-            if (rank, step) == (bad_rank, bad_step):
+    def poisoned(run, start_step):
+        for step, batch in enumerate(make_batches(run, start_step), start=start_step + 1):
+            if (run.rank, step) == (bad_rank, bad_step):
                 for t in batch["teacher_patch"]:
                     batch["teacher_patch"][t] = torch.full_like(batch["teacher_patch"][t], float("nan"))
             yield batch

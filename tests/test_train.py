@@ -193,8 +193,8 @@ def test_nonfinite_loss_skips_the_update(store_root):
 def _poisoned(bad_steps):
     real = train_mod.make_batches
 
-    def make_batches(cfg, rank, world, start_step):
-        for step, batch in enumerate(real(cfg, rank, world, start_step), start=start_step + 1):
+    def make_batches(run, start_step):
+        for step, batch in enumerate(real(run, start_step), start=start_step + 1):
             if step in bad_steps:
                 batch["teacher_patch"]["mae"] = torch.full_like(batch["teacher_patch"]["mae"], float("inf"))
             yield batch
@@ -308,3 +308,36 @@ def test_an_unbuildable_student_is_one_line_naming_the_keys(store_root, tmp_path
                      "--set", f'train.run_dir="{tmp_path}/run"'])
     err = capsys.readouterr().err
     assert code == 2 and "student.arch_kwargs" in err and "Traceback" not in err
+
+
+
+def test_store_is_listed_once_and_a_unit_completed_later_is_not_trained_on(tmp_path, monkeypatch):
+    import distill.store_dataset as dataset_mod
+    from store_fixtures import write_unit
+    from store_schema.store import FeatureStore
+    build_store(tmp_path / "store")
+    cfg = _cfg(tmp_path / "store", [f'train.run_dir="{tmp_path}/run"'])
+    checks = []
+    for mod in (train_mod, dataset_mod):
+        monkeypatch.setattr(mod, "check_store_matches", lambda *a, real=mod.check_store_matches: checks.append(1)
+                            or real(*a))
+    datasets = []
+    monkeypatch.setattr(train_mod, "make_loader", lambda ds, workers: datasets.append(ds) or [])
+    AcceleratorState._reset_state()
+    run = train_mod.set_up(cfg, resume=False)
+    samples = run.data["store_samples"]
+    writer = FeatureStore.open(cfg.store.root, mode="a")
+    write_unit(writer, cfg, "data/late.tar", 8, seed=9)  # extraction completes a unit after set-up
+    assert len(run.store.units()) == len(run.units) + 1
+    train_mod.make_batches(run, 0)
+    assert checks == [1]  # set_up checked the store; make_batches did not again
+    assert datasets[0].num_samples == samples  # the set-up's units, not the late one
+    assert StoreBatches(cfg, 0, 1).num_samples == samples + 8  # a fresh listing sees it
+
+
+def test_ranks_that_see_different_units_are_refused(store_root, tmp_path, monkeypatch):
+    cfg = _cfg(store_root, [f'train.run_dir="{tmp_path}/run"'])
+    monkeypatch.setattr(train_mod, "_all_gather", lambda x, world: [x, {**x, "store_units": x["store_units"] + 1}])
+    AcceleratorState._reset_state()
+    with pytest.raises(RuntimeError, match="processes see different store contents"):
+        train_mod.set_up(cfg, resume=False)
