@@ -106,7 +106,7 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.batch_bytes = _batch_bytes_bound(store.meta, self.teachers, self.batch_size)
         self.pool: BatchPool | None = None  # set by StoreLoader before it starts workers (distill/batch_pool.py)
 
-        # Blocks are fixed here, from the units complete now: workers must not list units again, or
+        # Blocks are fixed here, from the units complete now (or those given): workers must not list units again, or
         # a store still being extended would give them different epochs.
         self.blocks: list[tuple[str, int, int]] = []  # (unit, start, stop)
         sizes: list[int] = []  # usable rows per block

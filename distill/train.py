@@ -205,6 +205,8 @@ def data_identity(cfg: PipelineConfig, units: list[UnitInfo] | None) -> dict[str
     since the checkpoint gives other epochs), or the online input list."""
     if cfg.train.targets == "online":
         return {"online_urls_sha1": hashlib.sha1(json.dumps(cfg.data.urls).encode()).hexdigest()[:16]}
+    if units is None:
+        raise ValueError("store targets need the store's unit list")
     units = [(u.name, u.n_samples, list(u.excluded_rows)) for u in units]
     return {"store_units": len(units), "store_samples": sum(n - len(x) for _, n, x in units),
             "store_units_sha1": hashlib.sha1(json.dumps(units).encode()).hexdigest()[:16]}
@@ -273,7 +275,7 @@ class Run:
     main: bool
     run_dir: Path
     store: Any  # the checked FeatureStore, or None (online targets needing no statistics)
-    units: list[UnitInfo] | None  # the store's complete units, the same on every rank: the data trained on
+    units: list[UnitInfo] | None  # the store's complete units, the same on every rank (None: online targets)
     data: dict[str, Any]  # data_identity: what a resume must find unchanged
     ckpt: Path | None  # the checkpoint to resume from
 

@@ -1,16 +1,22 @@
 """The arrays of one store unit, defined once: the writer creates them, the reader reads them, validate
-and inspect check and count them from this table (store_schema/README.md, "Layout", is its prose).
+and inspect check and count them from this table (store_schema/README.md, "Per-unit arrays", is its prose).
 
 Every array's first axis is the row (sample) axis; per-view arrays have the view axis next. Shapes after
 those axes are written with the symbols of the store's root record: "Ks" student tokens, "p" patch size,
 "Kt" and "D" a teacher's tokens and feature width. `dtype` "features" is the store's feature dtype
-(store.dtype); arrays marked `int8_only` exist only in an int8 store (the per-token scales).
+(store.dtype); arrays marked `int8_only` exist only in an int8 store (the per-token scales, named
+"<feature array>_scale").
 
 `part` groups arrays by what a reader may leave out: "meta" (view boxes, tar ordinals, labels: the
 trainer uses none), "pixels", "cls" (the teachers' CLS: read only with a CLS term); "core" is always read.
 
-Adding an array: one line here, its data in the writer's rows (store_schema/writer.py: UnitRows or
-TeacherRows, a field of the same name), and its key in the reader's output follows from the table.
+Adding an array: one line here and its data in the writer's rows (store_schema/writer.py: UnitRows or
+TeacherRows, a field of the same name; tests/test_layout.py checks they agree); the writer, read_block,
+validate and inspect follow from the table (a feature array is encoded and decoded like `patch`). Its
+content checks beyond shape and dtype, if any, go in validate. Stores written before the line was added
+lack the array, and every reader here requires each array of the table: store_schema/README.md ("Schema
+version") lets a MINOR bump add arrays older readers ignore, but these readers do not yet tolerate one
+missing, so until they do (a schema-version field per entry) a new array means a MAJOR bump.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ TEACHER_ARRAYS = (
     ArraySpec("patch_scale", ("Kt",), "float32", int8_only=True),
     ArraySpec("cls_scale", (), "float32", part="cls", int8_only=True),
 )
+TEACHER_SPECS = {spec.name: spec for spec in TEACHER_ARRAYS}
 PARTS = ("core", "meta", "pixels", "cls")
 # FeatureStore.read_block's key for a base array, where it is not the array's name (the trainer's batch word).
 READ_KEYS = {"student_pixels": "pixels"}
@@ -66,8 +73,9 @@ class UnitArray:
 
 def unit_arrays(meta: dict[str, Any], teachers: list[str] | None = None, base: bool = True,
                 parts: tuple[str, ...] = PARTS) -> list[UnitArray]:
-    """The arrays of one unit of the store whose root record is `meta`, base arrays first, then each
-    teacher's (`teachers`: these only, default meta["teacher_order"]); only those in `parts`."""
+    """The arrays of one unit of the store whose root record is `meta`, base arrays first (unless `base` is
+    False), then each teacher's (`teachers`: these only, an empty list none, None all of
+    meta["teacher_order"]); only those in `parts`."""
     for p in parts:
         if p not in PARTS:
             raise ValueError(f"unknown array part {p!r}; choose from {', '.join(PARTS)}")

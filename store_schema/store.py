@@ -30,7 +30,7 @@ from .chunkread import ChunkReader, Unsupported
 from .codec import all_finite, decode_features
 from .config import PipelineConfig, config_to_dict, dumps_toml
 from .faults import fault_point
-from .layout import READ_KEYS, unit_arrays
+from .layout import FEATURES, READ_KEYS, TEACHER_SPECS, unit_arrays
 from .fingerprint import (SCHEMA_VERSION, StoreMismatchError, diff_fingerprints,
                           fingerprint_from_config, flatten)
 from .oserrors import STORE_OS_ERRORS, raise_store_error
@@ -245,7 +245,8 @@ class FeatureStore:
         return list(self.unit_record(unit).get("keys", []))
 
     def missing_shards(self, unit: str, teachers: list[str] | None = None) -> list[str]:
-        """Shard files a complete unit should have but does not (one listing per unit)."""
+        """Shard files a complete unit should have but does not (one listing per unit). Opens every array of
+        the unit (store_schema/layout.py), so a torn zarr.json is a StoreError here too."""
         info = self.unit_info(unit)
         n, shard = info.n_samples, int(self.meta["shard_samples"])
         if n == 0:
@@ -253,8 +254,8 @@ class FeatureStore:
         prefix = f"{self.group.path}/units/{unit}/" if self.group.path else f"units/{unit}/"
         present = set(sync(_collect(self.group.store.list_prefix(prefix))))
         missing = []
-        for a in unit_arrays(self.meta, teachers or self.teachers):
-            path, ndim = a.path, 1 + a.per_view + len(a.row_shape)
+        for array in unit_arrays(self.meta, teachers or self.teachers):
+            path, ndim = array.path, self.array(f"units/{unit}/{array.path}").ndim
             for i in range((n + shard - 1) // shard):
                 key = prefix + path + "/c/" + "/".join([str(i)] + ["0"] * (ndim - 1))
                 if key not in present:
@@ -293,25 +294,19 @@ class FeatureStore:
         parts = ("core",) + ("meta",) * meta + ("pixels",) * pixels + ("cls",) * cls
         arrays = unit_arrays(self.meta, teachers, parts=parts)
         got_raw = self._read_rows([(f"units/{unit}/{a.path}", a.per_view) for a in arrays], start, stop, view, engine)
-        base = {READ_KEYS.get(a.spec.name, a.spec.name): x for a, x in zip(arrays, got_raw) if a.teacher is None}
-        per_teacher: dict[str, dict[str, np.ndarray]] = {t: {} for t in teachers}
-        for a, x in zip(arrays, got_raw):
-            if a.teacher is not None:
-                per_teacher[a.teacher][a.spec.name] = x
+        base = {READ_KEYS.get(arr.spec.name, arr.spec.name): x
+                for arr, x in zip(arrays, got_raw) if arr.teacher is None}
+        stored: dict[str, dict[str, np.ndarray]] = {t: {} for t in teachers}  # teacher -> array name -> rows
+        for arr, x in zip(arrays, got_raw):
+            if arr.teacher is not None:
+                stored[arr.teacher][arr.spec.name] = x
         out: dict[str, Any] = {"student_idx": base.pop("student_idx").astype(np.int64), "teachers": {}}
         out.update(base)  # pixels with pixels=True; views, index, label with meta=True
         n_patches = int(self.meta["num_patches"])
         where = f"{self.root}: unit {unit} rows {start}-{stop} view {view}"
         _check_indices(out["student_idx"], n_patches, f"{where} student_idx")
         for t in teachers:
-            a = per_teacher[t]
-            got = {"idx": a["idx"].astype(np.int64)}
-            for k in ("patch", "cls") if cls else ("patch",):
-                scale = a[f"{k}_scale"] if int8 else None
-                if int8 and keep_int8:
-                    got[k], got[f"{k}_scale"] = a[k], scale
-                else:
-                    got[k] = decode_features(a[k], scale, keep_float16)
+            got = _teacher_rows(stored[t], int8 and keep_int8, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
             checked = [got[k] for k in ("patch", "cls", "patch_scale", "cls_scale")
                        if k in got and got[k].dtype.kind == "f"]
@@ -422,6 +417,24 @@ class FeatureStore:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+def _teacher_rows(stored: dict[str, np.ndarray], keep_int8: bool, keep_float16: bool) -> dict[str, np.ndarray]:
+    """One teacher's arrays as read_block returns them: features decoded (store_schema.codec) unless kept as
+    stored, an int8 feature's scale consumed by it (kept beside it with keep_int8), indices int64, any
+    other array as stored."""
+    got = {}
+    for name, x in stored.items():
+        spec = TEACHER_SPECS[name]
+        if spec.dtype == FEATURES:
+            scale = stored.get(f"{name}_scale")
+            if keep_int8 and scale is not None:
+                got[name], got[f"{name}_scale"] = x, scale
+            else:
+                got[name] = decode_features(x, scale, keep_float16)
+        elif not spec.int8_only:  # the scales are their feature's
+            got[name] = x.astype(np.int64) if name == "idx" else x
+    return got
+
 
 def _check_indices(idx: np.ndarray, n: int, where: str) -> None:
     """Visible-token indices must be strictly increasing within [0, n): anything else is damage."""

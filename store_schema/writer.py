@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from .codec import compressors_for, encode_features
 from .faults import fault_point
-from .layout import BASE_ARRAYS, unit_arrays
+from .layout import BASE_ARRAYS, FEATURES, TEACHER_SPECS, unit_arrays
 from .skips import SkipKind, skip_record
 from .stats import RunningStats
 from .store import (TEACHER_ATTR, UNIT_ATTR, FeatureStore, StoreError, UnitInfo, _check_indices, local_dir,
@@ -198,8 +198,9 @@ class UnitWriter:
         self.buffer, self.buffered = ([tail], len(tail)) if len(tail) else ([], 0)
         a, b = self.written, self.written + n
         encoded = {t: _encode(head.teachers[t], self.dtype) for t in self.teachers}
-        data = {a.path: getattr(head, a.spec.name) if a.teacher is None else encoded[a.teacher][a.spec.name]
-                for a in unit_arrays(self.store.meta, self.teachers, base=self.base)}
+        data = {array.path: getattr(head, array.spec.name) if array.teacher is None
+                else encoded[array.teacher][array.spec.name]
+                for array in unit_arrays(self.store.meta, self.teachers, base=self.base)}
         for i, (path, value) in enumerate(data.items()):
             arr = self._arrays[path]
             arr.resize((b, *arr.shape[1:]))
@@ -216,10 +217,15 @@ _TEACHER_FIELDS = tuple(f.name for f in fields(TeacherRows))
 
 
 def _encode(rows: TeacherRows, dtype: str) -> dict[str, np.ndarray | None]:
-    """A teacher's rows as stored: TEACHER_ARRAYS name -> array (the scales None unless int8)."""
-    patch, patch_scale = encode_features(rows.patch, dtype)
-    cls, cls_scale = encode_features(rows.cls, dtype)
-    return {"idx": rows.idx, "patch": patch, "cls": cls, "patch_scale": patch_scale, "cls_scale": cls_scale}
+    """A teacher's rows as stored: TEACHER_ARRAYS name -> array; a feature array f is encoded in the store's
+    dtype, with its scale as f + "_scale" (None unless int8)."""
+    out = {}
+    for f in _TEACHER_FIELDS:
+        if TEACHER_SPECS[f].dtype == FEATURES:
+            out[f], out[f"{f}_scale"] = encode_features(getattr(rows, f), dtype)
+        else:
+            out[f] = getattr(rows, f)
+    return out
 
 
 def _concat(parts: list[UnitRows]) -> UnitRows:

@@ -65,3 +65,16 @@ def test_unknown_part_is_named():
     meta = {"dtype": "float16", "student_tokens": 4, "patch_size": 2, "teacher_order": [], "teachers": {}}
     with pytest.raises(ValueError, match="unknown array part 'labels'"):
         unit_arrays(meta, parts=("core", "labels"))
+
+
+def test_a_torn_array_the_read_leaves_out_is_still_refused(tiny_cfg):
+    """missing_shards opens every array of the table, so a torn zarr.json fails a trainer's read (meta=False)."""
+    from pathlib import Path
+
+    from store_schema.store import StoreError
+    store = FeatureStore.create(tiny_cfg.store.root, tiny_cfg, teacher_meta(tiny_cfg))
+    write_unit(store, tiny_cfg, "a.tar", n=6)
+    u = unit_name("a.tar")
+    Path(tiny_cfg.store.root, f"units/{u}/views/zarr.json").write_bytes(b"")
+    with pytest.raises(StoreError, match=u):
+        FeatureStore.open(tiny_cfg.store.root).read_block(u, 0, 6, 0, meta=False, cls=False)
