@@ -20,10 +20,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from torch import nn
 
 from benchmarks.common import bench_config, print_json, print_table, write_image_tars, write_teacher_checkpoints
 from distill.model import CoMADDistiller
@@ -31,6 +33,8 @@ from distill.online import LiveTeachers, online_loader
 from distill.store_dataset import StoreBatches, check_store_matches, make_loader
 from distill.train import build_optimizer, build_scheduler, to_device, train_step
 from extract.pipeline import run_extraction
+from store_schema.config import PipelineConfig
+from store_schema.store import FeatureStore
 
 
 def vit_forward_flops(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> float:
@@ -62,7 +66,8 @@ def timed_steps(step_fn, batches, n: int) -> list[float]:
     return times
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line (sys.argv)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
@@ -71,8 +76,11 @@ def main() -> None:
     ap.add_argument("--online-steps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_distill_"))
+    return ap.parse_args()
+
+
+def extracted_config(args: argparse.Namespace, out: Path) -> PipelineConfig:
+    """The benchmark's config (image tars, random ViT-B teachers under `out`); extracts the store unless there."""
     base = bench_config([])
     urls = write_image_tars(out / "data", args.images, per_tar=max(1, args.images // 2))
     overrides = write_teacher_checkpoints(base, out / "ckpt") + [
@@ -84,9 +92,12 @@ def main() -> None:
         t0 = time.perf_counter()
         run_extraction(cfg)
         print(f"extracted {args.images} images in {time.perf_counter() - t0:.0f} s")
+    return cfg
 
-    store = check_store_matches(cfg)
-    dims = {t: store.teacher_meta(t).dim for t in store.teachers}
+
+def build_trainer(cfg: PipelineConfig, store: FeatureStore,
+                  dims: dict[str, int]) -> tuple[Accelerator, nn.Module, Callable[..., None]]:
+    """The student, optimizer and scheduler, set up as training does -> (accelerator, model, step(batch))."""
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="no")
     torch.manual_seed(0)
@@ -99,20 +110,14 @@ def main() -> None:
     def step(batch):
         train_step(model, to_device(batch, accelerator.device), optimizer, scheduler, accelerator, cfg.optim.grad_clip)
 
-    store_batches = iter(make_loader(StoreBatches(cfg, 0, 1, 0), cfg.train.num_workers))
-    memory = [next(store_batches) for _ in range(args.steps)]
-    step(memory[0])  # warm-up (allocator, kernels)
-    t_store, t_memory = [], []
-    for _ in range(args.rounds):  # alternate so machine noise hits both alike
-        t_store += timed_steps(step, store_batches, args.steps)
-        t_memory += timed_steps(step, iter(memory), args.steps)
+    return accelerator, model, step
 
-    live = LiveTeachers(cfg).to(accelerator.device)
-    online_batches = iter(online_loader(cfg, 0, 1, 0))
-    t_online = timed_steps(lambda b: step(live(b)), online_batches, args.online_steps + 1)[1:]  # first: warm-up
 
+def report(args: argparse.Namespace, cfg: PipelineConfig, student: nn.Module, dims: dict[str, int],
+           t_store: list[float], t_memory: list[float], t_online: list[float]) -> None:
+    """The medians as steps/s, the goals' ratios and the FLOP ratio: a table and the JSON line."""
     med = {k: statistics.median(v) for k, v in (("store", t_store), ("memory", t_memory), ("online", t_online))}
-    flops = flop_ratio(cfg, accelerator.unwrap_model(model).student, dims)
+    flops = flop_ratio(cfg, student, dims)
     res = {"steps_per_s": {k: 1 / v for k, v in med.items()},
            "store_over_memory": med["memory"] / med["store"], "store_speedup_over_online": med["online"] / med["store"],
            "flops": flops, "batch": args.batch, "workers": args.workers,
@@ -128,6 +133,28 @@ def main() -> None:
                                       f"({flops['teacher_gflop']:.1f} + {flops['student_step_gflop']:.2f} GFLOP/img)"),
     ])
     print_json("distill", res)
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_distill_"))
+    cfg = extracted_config(args, out)
+    store = check_store_matches(cfg)
+    dims = {t: store.teacher_meta(t).dim for t in store.teachers}
+    accelerator, model, step = build_trainer(cfg, store, dims)
+
+    store_batches = iter(make_loader(StoreBatches(cfg, 0, 1, 0), cfg.train.num_workers))
+    memory = [next(store_batches) for _ in range(args.steps)]
+    step(memory[0])  # warm-up (allocator, kernels)
+    t_store, t_memory = [], []
+    for _ in range(args.rounds):  # alternate so machine noise hits both alike
+        t_store += timed_steps(step, store_batches, args.steps)
+        t_memory += timed_steps(step, iter(memory), args.steps)
+
+    live = LiveTeachers(cfg).to(accelerator.device)
+    online_batches = iter(online_loader(cfg, 0, 1, 0))
+    t_online = timed_steps(lambda b: step(live(b)), online_batches, args.online_steps + 1)[1:]  # first: warm-up
+    report(args, cfg, accelerator.unwrap_model(model).student, dims, t_store, t_memory, t_online)
     if not args.out:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -186,7 +186,14 @@ def _fmt(v: float | None) -> str:
     return "  n/a " if v is None else f"{v:.4f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _median(xs: list[float | None]) -> float | None:
+    """Median of the values that are not None (a failed run has None); None when there are none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The command line -> (args, the VARIANTS names to train: [] with --curve-only)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(FUSION_TOML))
     ap.add_argument("--out", default="/tmp/bench_fusion")
@@ -207,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in table]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(table)} or 'working'")
-    if args.curve_only:
-        names = []
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    return args, [] if args.curve_only else names
 
+
+def prepare_inputs(args: argparse.Namespace, out: Path,
+                   timings: dict[str, float]) -> tuple[dict, list[int], Path, dict]:
+    """Band shards, (cached) teachers, the resolved config -> ([bench], seeds, config file, teachers' manifest)."""
     raw = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
     bench = raw["bench"]
     recipe = TeacherRecipe.from_dict(bench["teacher_recipe"])
@@ -237,6 +244,132 @@ def main(argv: list[str] | None = None) -> int:
     timings["teachers"] = time.perf_counter() - t0
     bench, config = resolve_config(Path(args.config), out, shards.train_urls, shards.test_urls, weights,
                                    args.overrides)
+    return bench, seeds, config, manifest
+
+
+def train_students(config: Path, out: Path, variants: list[tuple[str, list[str]]], seeds: list[int],
+                   steps: list[str], timings: dict[str, float]) -> tuple[dict, dict, dict, dict]:
+    """Every variant on every seed -> (runs {variant: {metric: [per seed]}}, seconds {variant: [per trained run]},
+    status {variant: [per seed]}, same_config_as {variant: the earlier variant whose run it reuses})."""
+    names = [n for n, _ in variants]
+    runs: dict[str, dict[str, list[float | None]]] = {n: {m: [] for m in METRICS} for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    status: dict[str, list[str]] = {n: [] for n in names}
+    alias: dict[str, str] = {}
+    for seed in seeds:
+        if not names:
+            break
+        t0 = time.perf_counter()
+        rows = train_variants(config, variants, out / f"seed{seed}", seed, steps)
+        timings[f"students_seed{seed}"] = time.perf_counter() - t0
+        for row in rows:
+            n = row["variant"]
+            status[n].append(row.get("status", "?") if row.get("eval", "ok") == "ok" else row["eval"])
+            if "same_config_as" in row:
+                alias[n] = row["same_config_as"]
+            elif "seconds" in row:
+                seconds[n].append(row["seconds"])
+            for m in METRICS:
+                v = row.get(m)
+                runs[n][m].append(float(v) if isinstance(v, (int, float)) else None)
+    return runs, seconds, status, alias
+
+
+def train_curve(config: Path, out: Path, bench: dict, curve_steps: list[int],
+                timings: dict[str, float]) -> dict[str, dict[int, dict[str, float | None]]]:
+    """[bench] curve_teachers' single-teacher students, a full run per step count -> {teacher: {steps: metrics}}."""
+    curve: dict[str, dict[int, dict[str, float | None]]] = {}
+    t0 = time.perf_counter()
+    for t in bench["curve_teachers"]:
+        curve[t] = {}
+        for n in curve_steps:
+            row = train_variants(config, [(f"single-{t}-{n}steps", [f'train.teachers=["{t}"]'])],
+                                 out / "curve" / f"seed{bench['curve_seed']}", bench["curve_seed"],
+                                 [f"train.steps={n}"])[0]
+            curve[t][n] = {m: row.get(m) for m in METRICS} | {"seconds": row.get("seconds")}
+    timings["curve"] = time.perf_counter() - t0
+    return curve
+
+
+def print_metric_tables(bench: dict, teachers: list[str], names: list[str], teach: dict, rand: dict, runs: dict,
+                        alias: dict[str, str], seeds: list[int], n_steps: int) -> None:
+    """One table per metric: each teacher, the random-init student, every variant (median and per seed)."""
+    for m in METRICS:
+        rows = [(f"teacher {t} (channel {bench['channels'][t]}: band {bench['bands'][bench['channels'][t]]})",
+                 _fmt(teach[t][m])) for t in teachers]
+        rows.append((f"student random-init (median; seeds {seeds})",
+                     f"{_fmt(_median(rand[m]))}  [{', '.join(_fmt(x) for x in rand[m])}]"))
+        for n in names:
+            tag = f" (same config as {alias[n]})" if n in alias else ""
+            per_seed = ", ".join(_fmt(x) for x in runs[n][m])
+            rows.append((f"student {n}{tag}", f"{_fmt(_median(runs[n][m]))}  [{per_seed}]"))
+        print_table(f"Fusion on digits, {m} (test split; {n_steps} steps; median  [runs per seed {seeds}])", rows)
+
+
+def report_goal(fused: str, names: list[str], singles: list[str], teachers: list[str], teach: dict, rand: dict,
+                runs: dict, seeds: list[int]) -> dict[str, dict]:
+    """The goal verdicts, printed -> {seed: {metric: fused vs the best single-teacher student, best teacher, random
+    init; "goal": bool}}; {} unless the fused and every single-teacher student were trained."""
+    if not (fused in names and all(s in names for s in singles)):
+        print(f"\n(goal verdicts need {fused} and every single-teacher student in --variants)")
+        return {}
+    verdicts: dict[str, dict] = {}
+    for i, seed in enumerate(seeds):
+        v: dict[str, Any] = {}
+        for m in METRICS:
+            f = runs[fused][m][i]
+            best_single = max((runs[s][m][i] for s in singles if runs[s][m][i] is not None), default=None)
+            best_teacher = max(x for x in (teach[t][m] for t in teachers) if x is not None)
+            r0 = rand[m][i]  # not part of the goal: the student sees all three bands, so random init is strong
+            v[m] = {"fused": f, "best_single_student": best_single, "best_teacher": best_teacher,
+                    "random_init": r0,
+                    "beats_every_single_student": None if f is None or best_single is None else f > best_single,
+                    "beats_every_teacher": None if f is None else f > best_teacher,
+                    "beats_random_init": None if f is None or r0 is None else f > r0}
+            if "gate-mean" in names and fused != "gate-mean":
+                mean_v = runs["gate-mean"][m][i]
+                v[m]["joint_ge_mean"] = None if f is None or mean_v is None else f >= mean_v
+        v["goal"] = all(v[m]["beats_every_single_student"] and v[m]["beats_every_teacher"] for m in METRICS)
+        verdicts[str(seed)] = v
+    rows = []
+    for seed, v in verdicts.items():
+        for m in METRICS:
+            x = v[m]
+            rows.append((f"seed {seed} {m}", f"fused {_fmt(x['fused'])} vs best single {_fmt(x['best_single_student'])}"
+                         f" / best teacher {_fmt(x['best_teacher'])}: beats singles {x['beats_every_single_student']},"
+                         f" beats teachers {x['beats_every_teacher']}, joint>=mean {x.get('joint_ge_mean')};"
+                         f" (info) random-init {_fmt(x['random_init'])}, beats it {x['beats_random_init']}"))
+        rows.append((f"seed {seed} GOAL (all four metrics)", str(v["goal"])))
+    print_table(f"Goal verdicts: fused student = {fused}", rows)
+    return verdicts
+
+
+def print_curve(curve: dict[str, dict[int, dict]], teach: dict, seed: int) -> None:
+    """The step curve beside each curve teacher's own metrics: has the single-teacher student reached it?"""
+    rows = []
+    for t, pts in curve.items():
+        rows.append((f"teacher {t}", "  ".join(f"{m} {_fmt(teach[t][m])}" for m in METRICS)))
+        for n, r in pts.items():
+            rows.append((f"single-{t} {n} steps", "  ".join(f"{m} {_fmt(r[m])}" for m in METRICS)))
+    print_table(f"Single-teacher student vs steps (seed {seed}): has it reached its teacher?", rows)
+
+
+def print_timings(names: list[str], seconds: dict[str, list[float]], n_steps: int, timings: dict[str, float]) -> None:
+    """The median seconds of a trained student run, and each stage's seconds."""
+    per_run = [s for n in names for s in seconds[n]]
+    if per_run:
+        print(f"\nseconds per student run (train {n_steps} steps + eval): median {statistics.median(per_run):.1f}, "
+              f"{len(per_run)} runs")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, names = parse_args(argv)
+    table = {n: o for n, o, _ in VARIANTS}
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    bench, seeds, config, manifest = prepare_inputs(args, out, timings)
     cfg = load_config(config)
     teachers = list(cfg.teachers)
     singles = [n for n, o in table.items() if n.startswith("single-")]
@@ -249,107 +382,22 @@ def main(argv: list[str] | None = None) -> int:
     timings["baseline_evals"] = time.perf_counter() - t0
     steps = [f"train.steps={args.steps}"] if args.steps else []
     n_steps = args.steps or cfg.train.steps
-
-    runs: dict[str, dict[str, list[float | None]]] = {n: {m: [] for m in METRICS} for n in names}
-    seconds: dict[str, list[float]] = {n: [] for n in names}
-    status: dict[str, list[str]] = {n: [] for n in names}
-    alias: dict[str, str] = {}
-    for seed in seeds:
-        if not names:
-            break
-        t0 = time.perf_counter()
-        rows = train_variants(config, [(n, table[n]) for n in names], out / f"seed{seed}", seed, steps)
-        timings[f"students_seed{seed}"] = time.perf_counter() - t0
-        for row in rows:
-            n = row["variant"]
-            status[n].append(row.get("status", "?") if row.get("eval", "ok") == "ok" else row["eval"])
-            if "same_config_as" in row:
-                alias[n] = row["same_config_as"]
-            elif "seconds" in row:
-                seconds[n].append(row["seconds"])
-            for m in METRICS:
-                v = row.get(m)
-                runs[n][m].append(float(v) if isinstance(v, (int, float)) else None)
-
-    curve: dict[str, dict[int, dict[str, float | None]]] = {}
-    if args.curve or args.curve_only:
-        t0 = time.perf_counter()
-        for t in bench["curve_teachers"]:
-            curve[t] = {}
-            for n in args.curve_steps or bench["curve_steps"]:
-                row = train_variants(config, [(f"single-{t}-{n}steps", [f'train.teachers=["{t}"]'])],
-                                     out / "curve" / f"seed{bench['curve_seed']}", bench["curve_seed"],
-                                     [f"train.steps={n}"])[0]
-                curve[t][n] = {m: row.get(m) for m in METRICS} | {"seconds": row.get("seconds")}
-        timings["curve"] = time.perf_counter() - t0
+    runs, seconds, status, alias = train_students(config, out, [(n, table[n]) for n in names], seeds, steps, timings)
+    curve = train_curve(config, out, bench, args.curve_steps or bench["curve_steps"], timings) \
+        if args.curve or args.curve_only else {}
 
     # ---------------------------------------------------------------- report
     teach = {t: {m: metric(e, m) for m in METRICS} for t, e in teacher_evals.items()}
     rand = {m: [metric(random_evals[s], m) for s in seeds] for m in METRICS}
-
-    def med(xs: list[float | None]) -> float | None:
-        xs = [x for x in xs if x is not None]
-        return statistics.median(xs) if xs else None
-
-    for m in METRICS:
-        rows = [(f"teacher {t} (channel {bench['channels'][t]}: band {bench['bands'][bench['channels'][t]]})",
-                 _fmt(teach[t][m])) for t in teachers]
-        rows.append((f"student random-init (median; seeds {seeds})",
-                     f"{_fmt(med(rand[m]))}  [{', '.join(_fmt(x) for x in rand[m])}]"))
-        for n in names:
-            tag = f" (same config as {alias[n]})" if n in alias else ""
-            rows.append((f"student {n}{tag}", f"{_fmt(med(runs[n][m]))}  [{', '.join(_fmt(x) for x in runs[n][m])}]"))
-        print_table(f"Fusion on digits, {m} (test split; {n_steps} steps; median  [runs per seed {seeds}])", rows)
-
+    print_metric_tables(bench, teachers, names, teach, rand, runs, alias, seeds, n_steps)
     fused = bench["fused"]
-    verdicts: dict[str, dict] = {}
-    if fused in names and all(s in names for s in singles):
-        for i, seed in enumerate(seeds):
-            v: dict[str, Any] = {}
-            for m in METRICS:
-                f = runs[fused][m][i]
-                best_single = max((runs[s][m][i] for s in singles if runs[s][m][i] is not None), default=None)
-                best_teacher = max(x for x in (teach[t][m] for t in teachers) if x is not None)
-                r0 = rand[m][i]  # not part of the goal: the student sees all three bands, so random init is strong
-                v[m] = {"fused": f, "best_single_student": best_single, "best_teacher": best_teacher,
-                        "random_init": r0,
-                        "beats_every_single_student": None if f is None or best_single is None else f > best_single,
-                        "beats_every_teacher": None if f is None else f > best_teacher,
-                        "beats_random_init": None if f is None or r0 is None else f > r0}
-                if "gate-mean" in names and fused != "gate-mean":
-                    mean_v = runs["gate-mean"][m][i]
-                    v[m]["joint_ge_mean"] = None if f is None or mean_v is None else f >= mean_v
-            v["goal"] = all(v[m]["beats_every_single_student"] and v[m]["beats_every_teacher"] for m in METRICS)
-            verdicts[str(seed)] = v
-        rows = []
-        for seed, v in verdicts.items():
-            for m in METRICS:
-                x = v[m]
-                rows.append((f"seed {seed} {m}", f"fused {_fmt(x['fused'])} vs best single {_fmt(x['best_single_student'])}"
-                             f" / best teacher {_fmt(x['best_teacher'])}: beats singles {x['beats_every_single_student']},"
-                             f" beats teachers {x['beats_every_teacher']}, joint>=mean {x.get('joint_ge_mean')};"
-                             f" (info) random-init {_fmt(x['random_init'])}, beats it {x['beats_random_init']}"))
-            rows.append((f"seed {seed} GOAL (all four metrics)", str(v["goal"])))
-        print_table(f"Goal verdicts: fused student = {fused}", rows)
-    else:
-        print(f"\n(goal verdicts need {fused} and every single-teacher student in --variants)")
-
+    verdicts = report_goal(fused, names, singles, teachers, teach, rand, runs, seeds)
     if curve:
-        rows = []
-        for t, pts in curve.items():
-            rows.append((f"teacher {t}", "  ".join(f"{m} {_fmt(teach[t][m])}" for m in METRICS)))
-            for n, r in pts.items():
-                rows.append((f"single-{t} {n} steps", "  ".join(f"{m} {_fmt(r[m])}" for m in METRICS)))
-        print_table(f"Single-teacher student vs steps (seed {bench['curve_seed']}): has it reached its teacher?", rows)
-
-    per_run = [s for n in names for s in seconds[n]]
-    if per_run:
-        print(f"\nseconds per student run (train {n_steps} steps + eval): median {statistics.median(per_run):.1f}, "
-              f"{len(per_run)} runs")
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+        print_curve(curve, teach, bench["curve_seed"])
+    print_timings(names, seconds, n_steps, timings)
     payload = {"seeds": seeds, "steps": n_steps, "metrics": list(METRICS), "fused": fused,
                "variants": {n: table[n] for n in names}, "same_config_as": alias, "teachers": teach, "random_init": rand,
-               "runs": runs, "medians": {n: {m: med(runs[n][m]) for m in METRICS} for n in names},
+               "runs": runs, "medians": {n: {m: _median(runs[n][m]) for m in METRICS} for n in names},
                "status": status, "seconds_per_run": seconds, "verdicts": verdicts,
                "curve": {t: {str(k): v for k, v in pts.items()} for t, pts in curve.items()},
                "teacher_fixtures": {"key": manifest.get("key"), "bands": manifest.get("bands"),

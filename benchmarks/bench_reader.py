@@ -180,7 +180,8 @@ def measure(cfg, reader: str, workers: int, batches: int, warmup: int) -> dict:
     return {"samples": n, "cpu_s": max(cpu, 1e-6), "wall_s": wall}  # children's clock ticks are 10 ms
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; --quick caps the sizes."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 samples, 8 timed batches, 2 repeats")
     ap.add_argument("--samples", type=int, default=128)
@@ -204,8 +205,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.samples, args.unit_samples = min(args.samples, 64), min(args.unit_samples, 32)
         args.batches, args.repeats = min(args.batches, 8), min(args.repeats, 2)
-    torch.set_num_threads(1)
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_reader_"))
+    return args
+
+
+def build_stores(args: argparse.Namespace, out: Path) -> dict[tuple[str, str], dict]:
+    """{(dtype, compression): build_store's dict}; then ("compact", compression) from each float16 store."""
     stores = {}
     for dtype in args.dtypes:
         for comp in args.compressions:
@@ -219,6 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
             if ("float16", comp) in stores:
                 stores[("compact", comp)] = build_compact(stores[("float16", comp)]["cfg"], out / f"compact-{comp}",
                                                           args.samples, comp)
+    return stores
+
+
+def measure_all(args: argparse.Namespace, stores: dict[tuple[str, str], dict]) -> tuple[list[tuple], dict[tuple, list]]:
+    """([(engine, dtype, compression, workers)], {variant: [measure() per repeat]}); they alternate in each repeat."""
     # direct-nopool differs from direct only in how loader workers hand batches over
     variants = [(e, d, c, w) for (d, c) in stores for w in args.workers for e in args.engines
                 if not (e == "direct-nopool" and w == 0)]
@@ -227,7 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
         for v in variants:
             e, d, c, w = v
             runs[v].append(measure(stores[(d, c)]["cfg"], e, w, args.batches, warmup=2 if w else 1))
+    return variants, runs
 
+
+def summarize(args: argparse.Namespace, stores: dict[tuple[str, str], dict], variants: list[tuple],
+              runs: dict[tuple, list[dict]]) -> dict:
+    """The medians per variant, printed as a table -> the result dict (keys as in the module docstring)."""
     res = {"samples_per_cpu_s": {}, "samples_per_wall_s": {}, "mb_per_cpu_s": {}, "bytes_per_view": {},
            "runs": {}}
     rows = []
@@ -252,8 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(" | ".join(head))
     for r in rows:
         print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.1f} | {r[8]:.2f}")
-    f16 = [res["samples_per_cpu_s"][k] for k in res["samples_per_cpu_s"] if k.startswith(f"{args.engines[-1]}/float16")]
-    res["best_float16_samples_per_cpu_s"] = max(f16) if f16 else None
+    return res
+
+
+def add_compact_ratios(args: argparse.Namespace, res: dict) -> None:
+    """The compact store's bytes per view over the float16 store's, into `res` and printed (when both were built)."""
     ratios = {c: res["bytes_per_view"][f"compact/{c}"] / res["bytes_per_view"][f"float16/{c}"]
               for c in args.compressions if f"compact/{c}" in res["bytes_per_view"]}
     if ratios:  # the compact store's bytes per view over today's float16 store's
@@ -272,6 +289,17 @@ def main(argv: list[str] | None = None) -> dict:
         print("compact / float16 bytes per view at equal codecs: " + ", ".join(f"{c} {r:.3f}" for c, r in ratios.items())
               + f"; compact_over_float16_ratio ({res['compact_over_float16_ratio_of']}) "
               f"{res['compact_over_float16_ratio']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_reader_"))
+    stores = build_stores(args, out)
+    res = summarize(args, stores, *measure_all(args, stores))
+    f16 = [res["samples_per_cpu_s"][k] for k in res["samples_per_cpu_s"] if k.startswith(f"{args.engines[-1]}/float16")]
+    res["best_float16_samples_per_cpu_s"] = max(f16) if f16 else None
+    add_compact_ratios(args, res)
     res.update(samples=args.samples, dim=args.dim, batch=args.batch, batches=args.batches, repeats=args.repeats,
                engines=args.engines, pixels=args.pixels, cpus=os.cpu_count(), load_average=os.getloadavg())
     print_json("reader", res)

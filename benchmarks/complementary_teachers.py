@@ -232,6 +232,57 @@ def assert_channel_blind(model: nn.Module, channel: int, image_size: int, seed: 
     return diff
 
 
+def _batch_losses(model: nn.Module, heads: nn.ModuleDict, x_all: Tensor, y_all: Tensor, only: Tensor,
+                  tcfg: TeacherConfig, r: TeacherRecipe, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One random batch, cropped and token-dropped -> (CE of the CLS head, CE of the patch head on every kept token)."""
+    n = model.patch_embed.num_patches
+    idx = torch.randint(len(x_all), (min(r.batch_size, len(x_all)),), generator=gen)
+    x = to_input(random_resized_crop(x_all[idx], r.crop_scale, gen), tcfg.mean, tcfg.std) * only
+    frac = float(torch.empty(()).uniform_(r.keep_fraction[0], r.keep_fraction[1], generator=gen))
+    k = max(1, min(n, round(frac * n)))
+    keep = torch.rand(len(x), n, generator=gen).argsort(1)[:, :k].sort(1).values  # (B, k)
+    cls, tokens = forward_visible(model, x, keep)  # (B, D), (B, k, D)
+    y = y_all[idx]
+    loss_cls = F.cross_entropy(heads["cls"](cls), y, label_smoothing=r.label_smoothing)
+    loss_patch = F.cross_entropy(heads["patch"](tokens).flatten(0, 1), y.repeat_interleave(k),
+                                 label_smoothing=r.label_smoothing)
+    return loss_cls, loss_patch
+
+
+def _fit(model: nn.Module, heads: nn.ModuleDict, channel: int, images: np.ndarray, labels: np.ndarray,
+         tcfg: TeacherConfig, r: TeacherRecipe, gen: torch.Generator,
+         log: Callable[[str], None] | None) -> tuple[list[tuple[float, float]], float]:
+    """AdamW, linear warm-up then cosine, on channel `channel` only -> ([(loss cls, loss patch)] per step, seconds)."""
+    model.train()
+    heads.train()
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    y_all = torch.from_numpy(labels).long()
+    only = torch.zeros(1, 3, 1, 1)
+    only[0, channel] = 1.0
+    warmup = max(1, int(r.warmup_fraction * r.steps))
+    losses, t0 = [], time.perf_counter()
+    for step in range(r.steps):
+        lr = r.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / r.steps))
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        loss_cls, loss_patch = _batch_losses(model, heads, x_all, y_all, only, tcfg, r, gen)
+        loss = r.cls_weight * loss_cls + r.patch_weight * loss_patch
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"teacher {tcfg.name!r}: non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+        opt.step()
+        losses.append((loss_cls.item(), loss_patch.item()))
+        if log is not None and (step + 1) % 100 == 0:
+            last = np.mean(losses[-100:], 0)
+            log(f"  step {step + 1}/{r.steps}: loss cls {last[0]:.3f} patch {last[1]:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    return losses, time.perf_counter() - t0
+
+
 def train_band_teacher(tcfg: TeacherConfig, channel: int, image_size: int, patch_size: int, images: np.ndarray,
                        labels: np.ndarray, r: TeacherRecipe, log: Callable[[str], None] | None = None
                        ) -> tuple[dict[str, Tensor], dict]:
@@ -250,44 +301,7 @@ def train_band_teacher(tcfg: TeacherConfig, channel: int, image_size: int, patch
             heads = nn.ModuleDict({"cls": nn.Linear(model.embed_dim, NUM_CLASSES),
                                    "patch": nn.Linear(model.embed_dim, NUM_CLASSES)})
         blind_to_other_channels(model, channel)
-        n = model.patch_embed.num_patches
-        model.train()
-        heads.train()
-        params = list(model.parameters()) + list(heads.parameters())
-        opt = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.95), weight_decay=r.weight_decay)
-        x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        y_all = torch.from_numpy(labels).long()
-        only = torch.zeros(1, 3, 1, 1)
-        only[0, channel] = 1.0
-        warmup = max(1, int(r.warmup_fraction * r.steps))
-        losses, t0 = [], time.perf_counter()
-        for step in range(r.steps):
-            lr = r.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / r.steps))
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            idx = torch.randint(len(x_all), (min(r.batch_size, len(x_all)),), generator=gen)
-            x = to_input(random_resized_crop(x_all[idx], r.crop_scale, gen), tcfg.mean, tcfg.std) * only
-            frac = float(torch.empty(()).uniform_(r.keep_fraction[0], r.keep_fraction[1], generator=gen))
-            k = max(1, min(n, round(frac * n)))
-            keep = torch.rand(len(x), n, generator=gen).argsort(1)[:, :k].sort(1).values  # (B, k)
-            cls, tokens = forward_visible(model, x, keep)  # (B, D), (B, k, D)
-            y = y_all[idx]
-            loss_cls = F.cross_entropy(heads["cls"](cls), y, label_smoothing=r.label_smoothing)
-            loss_patch = F.cross_entropy(heads["patch"](tokens).flatten(0, 1), y.repeat_interleave(k),
-                                         label_smoothing=r.label_smoothing)
-            loss = r.cls_weight * loss_cls + r.patch_weight * loss_patch
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"teacher {tcfg.name!r}: non-finite loss at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
-            opt.step()
-            losses.append((loss_cls.item(), loss_patch.item()))
-            if log is not None and (step + 1) % 100 == 0:
-                last = np.mean(losses[-100:], 0)
-                log(f"  step {step + 1}/{r.steps}: loss cls {last[0]:.3f} patch {last[1]:.3f} "
-                    f"({time.perf_counter() - t0:.0f}s)")
-        seconds = time.perf_counter() - t0
+        losses, seconds = _fit(model, heads, channel, images, labels, tcfg, r, gen, log)
         blind_to_other_channels(model, channel)  # already 0 (their inputs were 0: no gradient); made explicit
         blind = assert_channel_blind(model, channel, image_size)
     finally:

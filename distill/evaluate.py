@@ -108,6 +108,40 @@ def _encode(model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, feature
     return {f: out[f].float().cpu() for f in features}
 
 
+def _encode_labelled(model: nn.Module, loader: DataLoader, mean: Tensor, std: Tensor, features: Sequence[str],
+                     batch_size: int) -> tuple[dict[str, list[Tensor]], list[int], dict[str, Any]]:
+    """_LabelledImages' samples, encoded `batch_size` at a time in eval mode -> ({feature: [(b, D)]}, labels, stats)."""
+    stats: dict[str, Any] = {"n": 0, "skipped_unlabelled": 0, "skipped_undecodable": 0, "examples": []}
+    feats: dict[str, list[Tensor]] = {f: [] for f in features}
+    labels: list[int] = []
+    batch: list[Tensor] = []
+
+    def flush() -> None:
+        for f, v in _encode(model, torch.stack(batch), mean, std, features).items():
+            feats[f].append(v)
+        batch.clear()
+
+    was_training = model.training
+    model.eval()
+    try:
+        for kind, image, label, reason in loader:
+            if kind != "ok":
+                stats["skipped_unlabelled" if kind == "unlabelled" else "skipped_undecodable"] += 1
+                if len(stats["examples"]) < MAX_EXAMPLES:
+                    stats["examples"].append(reason)
+                continue
+            batch.append(image)
+            labels.append(int(label))
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        model.train(was_training)
+    stats["n"] = len(labels)
+    return feats, labels, stats
+
+
 def extract_eval_features(model: nn.Module, urls: Sequence[str], cfg: PipelineConfig, mean: Sequence[float],
                           std: Sequence[float], features: Sequence[str] = FEATURES,
                           report: dict[str, Any] | None = None) -> tuple[dict[str, Tensor], Tensor]:
@@ -136,34 +170,7 @@ def extract_eval_features(model: nn.Module, urls: Sequence[str], cfg: PipelineCo
                                         cfg.eval.storage_options), batch_size=None,
                         num_workers=min(cfg.data.num_workers, len(urls)),
                         generator=torch.Generator())  # its worker seed would otherwise come from the global RNG
-    stats: dict[str, Any] = {"n": 0, "skipped_unlabelled": 0, "skipped_undecodable": 0, "examples": []}
-    feats: dict[str, list[Tensor]] = {f: [] for f in features}
-    labels: list[int] = []
-    batch: list[Tensor] = []
-
-    def flush() -> None:
-        for f, v in _encode(model, torch.stack(batch), mean_t, std_t, features).items():
-            feats[f].append(v)
-        batch.clear()
-
-    was_training = model.training
-    model.eval()
-    try:
-        for kind, image, label, reason in loader:
-            if kind != "ok":
-                stats["skipped_unlabelled" if kind == "unlabelled" else "skipped_undecodable"] += 1
-                if len(stats["examples"]) < MAX_EXAMPLES:
-                    stats["examples"].append(reason)
-                continue
-            batch.append(image)
-            labels.append(int(label))
-            if len(batch) == cfg.eval.batch_size:
-                flush()
-        if batch:
-            flush()
-    finally:
-        model.train(was_training)
-    stats["n"] = len(labels)
+    feats, labels, stats = _encode_labelled(model, loader, mean_t, std_t, features, cfg.eval.batch_size)
     if report is not None:
         report.update(stats)
     if not labels:

@@ -225,13 +225,7 @@ def _unit_counts(store: FeatureStore, url: str) -> tuple[int, int]:
 def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, torch.nn.Module],
                    mine: list[str], rank: int, redo_changed: bool = False) -> dict[str, Any]:
     """This process's tars -> units. Returns its counts; raises ExtractionError past max_failure_fraction."""
-    changed = set(changed_sources(store, mine, redo_changed, cfg.data.storage_options))  # refused unless redo_changed
-    pending = [u for u in mine if u in changed or not store.is_complete(u)]
-    stored = skipped = 0
-    for url in mine:
-        if url not in pending:
-            n, s = _unit_counts(store, url)
-            stored, skipped = stored + n, skipped + s
+    pending, stored, skipped = _pending_units(cfg, store, mine, redo_changed)
     _check_failures(cfg, stored, skipped)  # units kept from earlier runs already exceed it: stop before working
     per_chunk = max(1, cfg.data.batch_size // cfg.views.num_views)
     loader = DataLoader(PreparedTars(cfg, pending, per_chunk), batch_size=None, collate_fn=identity,
@@ -249,21 +243,8 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
                 out["failed"].append({"url": url, "reason": chunk.error})
                 progress.tar_done(out["images"])
                 continue
-            if url not in out["opened"]:
-                out["opened"].add(url)
-                writer.open(url)
-            out["notes"] += [f"{url}[{i}] {key}: {note}" for i, key, note in chunk.notes]
-            for i, key, note in chunk.notes:
-                writer.note(url, i, key, note)
-            rows, bad = _teacher_rows(cfg, models, chunk) if chunk.keys else (None, [])
-            for index, key, kind, reason in chunk.skips + bad:
-                writer.skip(url, index, key, reason, kind)
-                out["reasons"][kind.value] += 1
-            skipped += len(chunk.skips) + len(bad)
-            if rows is not None and len(rows):
-                writer.rows(url, rows)
-                out["images"] += len(rows)
-                stored += len(rows)
+            n_stored, n_skipped = _write_chunk(cfg, models, writer, chunk, out)
+            stored, skipped = stored + n_stored, skipped + n_skipped
             if chunk.last:
                 writer.commit(url, chunk.source)
                 progress.tar_done(out["images"])
@@ -284,6 +265,40 @@ def _extract_units(cfg: PipelineConfig, store: FeatureStore, models: dict[str, t
     return {"images": out["images"], "reasons": dict(out["reasons"]), "notes": out["notes"], "failed": out["failed"],
             "committed": writer.committed, "stored_total": stored, "skipped_total": skipped,
             "already_complete": len(mine) - len(pending), "seconds": out["seconds"]}
+
+
+def _pending_units(cfg: PipelineConfig, store: FeatureStore, mine: list[str],
+                   redo_changed: bool) -> tuple[list[str], int, int]:
+    """(the tars of `mine` to extract, samples stored and skipped in the complete units of the others)."""
+    changed = set(changed_sources(store, mine, redo_changed, cfg.data.storage_options))  # refused unless redo_changed
+    pending = [u for u in mine if u in changed or not store.is_complete(u)]
+    stored = skipped = 0
+    for url in mine:
+        if url not in pending:
+            n, s = _unit_counts(store, url)
+            stored, skipped = stored + n, skipped + s
+    return pending, stored, skipped
+
+
+def _write_chunk(cfg: PipelineConfig, models: dict[str, torch.nn.Module], writer: BackgroundWriter,
+                 chunk: Chunk, out: dict[str, Any]) -> tuple[int, int]:
+    """One decoded chunk's notes, skips and teacher rows, queued on the writer and counted in `out`
+    -> (samples stored, samples skipped)."""
+    url = chunk.url
+    if url not in out["opened"]:
+        out["opened"].add(url)
+        writer.open(url)
+    out["notes"] += [f"{url}[{i}] {key}: {note}" for i, key, note in chunk.notes]
+    for i, key, note in chunk.notes:
+        writer.note(url, i, key, note)
+    rows, bad = _teacher_rows(cfg, models, chunk) if chunk.keys else (None, [])
+    for index, key, kind, reason in chunk.skips + bad:
+        writer.skip(url, index, key, reason, kind)
+        out["reasons"][kind.value] += 1
+    if rows is not None and len(rows):
+        writer.rows(url, rows)
+        out["images"] += len(rows)
+    return 0 if rows is None else len(rows), len(chunk.skips) + len(bad)
 
 
 def _describe(err: Exception, rank: int, world: int) -> str:

@@ -28,7 +28,7 @@ from distill.demo.digits_data import write_digits_shards
 from distill.report import ModelResult, format_table, read_metrics, write_report_png
 from distill.demo.teacher_fixtures import OBJECTIVES, FixtureRecipe, ensure_teachers
 from extract.cli import main as extract_main
-from store_schema.config import ConfigError, dumps_toml, load_config
+from store_schema.config import ConfigError, PipelineConfig, dumps_toml, load_config
 
 DEMO_TOML = Path(__file__).with_name("demo.toml")
 MARKER = ".comad-demo"  # marks a directory this command owns, so a rerun may clear what it wrote there
@@ -89,6 +89,41 @@ def _stage(name: str, main: Callable[[list[str]], int], prog: str, argv: list[st
     return time.perf_counter() - t0
 
 
+def _evaluate(cfg: PipelineConfig, conf: list[str], out: Path,
+              log: Callable[[str], None]) -> tuple[list[ModelResult], float]:
+    """`comad-distill eval` of each teacher, a random-init and the distilled student -> (results, their seconds)."""
+    (out / "eval").mkdir()
+    models = [(f"teacher {n} ({OBJECTIVES[t.format]})", "teacher", ["--teacher", n], f"teacher_{n}")
+              for n, t in cfg.teachers.items()]
+    models += [(f"student random-init (seed {cfg.seed})", "random-init", ["--random-init", str(cfg.seed)],
+                "random_init"),
+               (f"student distilled ({cfg.train.steps} steps)", "distilled", ["--checkpoint", cfg.train.run_dir],
+                "distilled")]
+    results, t0 = [], time.perf_counter()
+    for name, kind, which, file in models:
+        path = out / "eval" / f"{file}.json"
+        _stage(f"eval {file}", distill_main, "comad-distill", ["eval", *conf, *which, "--out", str(path)], log)
+        results.append(ModelResult(name, kind, json.loads(path.read_text(encoding="utf-8"))))
+    return results, time.perf_counter() - t0
+
+
+def _write_results(out: Path, quick: bool, resolved: Path, results: list[ModelResult], manifest: dict,
+                   timings: dict[str, float], log: Callable[[str], None]) -> dict:
+    """`<out>/results.json` (returned) and the table and timings, logged."""
+    summary = {"out": str(out), "quick": quick, "config": str(resolved),
+               "rows": [{"name": r.name, "kind": r.kind, "eval": r.eval} for r in results],
+               "teacher_fixtures": manifest,
+               "teacher_weights_sha256": {n: t["sha256"] for n, t in manifest["teachers"].items()},
+               "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "report_png": str(out / "report.png")}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    log("\n" + format_table(results))
+    log("\nkNN: DINO weighted kNN (train split -> test split); linear: linear probe; features after the final norm."
+        "\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    log(f"wrote {out / 'results.json'} and {out / 'report.png'}; rerun a stage with --config {resolved}")
+    return summary
+
+
 def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides: Sequence[str] = (),
              cache_dir: Path | None = None, recipe: FixtureRecipe = FixtureRecipe(),
              log: Callable[[str], None] = print) -> dict:
@@ -120,38 +155,14 @@ def run_demo(out: Path, quick: bool = False, config: Path = DEMO_TOML, overrides
     conf = ["--config", str(resolved)]
     timings["extract"] = _stage("extract", extract_main, "comad-extract", conf, log)
     timings["train"] = _stage("train", distill_main, "comad-distill", ["train", *conf], log)
-
-    (out / "eval").mkdir()
-    models = [(f"teacher {n} ({OBJECTIVES[t.format]})", "teacher", ["--teacher", n], f"teacher_{n}")
-              for n, t in cfg.teachers.items()]
-    models += [(f"student random-init (seed {cfg.seed})", "random-init", ["--random-init", str(cfg.seed)],
-                "random_init"),
-               (f"student distilled ({cfg.train.steps} steps)", "distilled", ["--checkpoint", cfg.train.run_dir],
-                "distilled")]
-    results, t0 = [], time.perf_counter()
-    for name, kind, which, file in models:
-        path = out / "eval" / f"{file}.json"
-        _stage(f"eval {file}", distill_main, "comad-distill", ["eval", *conf, *which, "--out", str(path)], log)
-        results.append(ModelResult(name, kind, json.loads(path.read_text(encoding="utf-8"))))
-    timings["eval"] = time.perf_counter() - t0
+    results, timings["eval"] = _evaluate(cfg, conf, out, log)
 
     metrics = read_metrics(Path(cfg.train.run_dir) / "metrics.jsonl")
     write_report_png(out / "report.png", metrics, results,
                      title=f"CoMAD demo: {len(cfg.teachers)} teachers -> student on digits "
                            f"({cfg.train.steps} steps, gate {cfg.gate.variant})")
     timings["total"] = time.perf_counter() - t_start
-    summary = {"out": str(out), "quick": quick, "config": str(resolved),
-               "rows": [{"name": r.name, "kind": r.kind, "eval": r.eval} for r in results],
-               "teacher_fixtures": manifest,
-               "teacher_weights_sha256": {n: t["sha256"] for n, t in manifest["teachers"].items()},
-               "timings_s": {k: round(v, 1) for k, v in timings.items()},
-               "report_png": str(out / "report.png")}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    log("\n" + format_table(results))
-    log("\nkNN: DINO weighted kNN (train split -> test split); linear: linear probe; features after the final norm."
-        "\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    log(f"wrote {out / 'results.json'} and {out / 'report.png'}; rerun a stage with --config {resolved}")
-    return summary
+    return _write_results(out, quick, resolved, results, manifest, timings, log)
 
 
 def build_parser() -> argparse.ArgumentParser:
