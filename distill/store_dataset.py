@@ -102,30 +102,13 @@ class StoreBatches(torch.utils.data.IterableDataset):
         self.num_views = store.num_views
         self.teachers = cfg.distill_teachers  # only these teachers' bytes are read
         self.read_cls = cfg.loss.cls_weight > 0
-        chunk = int(store.meta["chunk_samples"])  # the store's own chunking, not this config's
         self.batch_bytes = _batch_bytes_bound(store.meta, self.teachers, self.batch_size)
         self.pool: BatchPool | None = None  # set by StoreLoader before it starts workers (distill/batch_pool.py)
 
-        # Blocks are fixed here, from the units complete now (or those given): workers must not list units again, or
-        # a store still being extended would give them different epochs.
-        self.blocks: list[tuple[str, int, int]] = []  # (unit, start, stop)
-        sizes: list[int] = []  # usable rows per block
-        self.kept_rows: dict[int, np.ndarray] = {}  # block -> usable row offsets, only where rows are excluded
+        # Blocks are fixed here, from the units complete now (or those given): workers must not list units
+        # again, or a store still being extended would give them different epochs.
         units = store.units() if units is None else units
-        for u in units:
-            excluded = np.asarray(u.excluded_rows, dtype=np.int64)
-            for start in range(0, u.n_samples, chunk):
-                stop = min(start + chunk, u.n_samples)
-                rows = np.arange(stop - start)
-                if excluded.size:
-                    rows = rows[~np.isin(rows + start, excluded)]
-                    if rows.size == 0:
-                        continue
-                    if rows.size < stop - start:
-                        self.kept_rows[len(self.blocks)] = rows
-                self.blocks.append((u.name, start, stop))
-                sizes.append(int(rows.size))
-        self.block_sizes = np.asarray(sizes, dtype=np.int64)
+        self.blocks, self.block_sizes, self.kept_rows = _plan_blocks(units, int(store.meta["chunk_samples"]))
         self.num_samples = int(self.block_sizes.sum())
 
         per_step = world_size * self.batch_size
@@ -232,6 +215,29 @@ class StoreBatches(torch.utils.data.IterableDataset):
             part_of.append(np.full(rows.size, j))
             row_of.append(rows)
         return blocks, np.concatenate(part_of), np.concatenate(row_of)
+
+
+def _plan_blocks(units: list[UnitInfo], chunk: int) -> tuple[list[tuple[str, int, int]], np.ndarray,
+                                                               dict[int, np.ndarray]]:
+    """The read blocks of `units`, one per chunk of the store's own chunking (`chunk`, not this config's):
+    ([(unit, start, stop)], usable rows per block, {block: usable row offsets} only where rows are excluded)."""
+    blocks: list[tuple[str, int, int]] = []
+    sizes: list[int] = []
+    kept_rows: dict[int, np.ndarray] = {}
+    for u in units:
+        excluded = np.asarray(u.excluded_rows, dtype=np.int64)
+        for start in range(0, u.n_samples, chunk):
+            stop = min(start + chunk, u.n_samples)
+            rows = np.arange(stop - start)
+            if excluded.size:
+                rows = rows[~np.isin(rows + start, excluded)]
+                if rows.size == 0:
+                    continue
+                if rows.size < stop - start:
+                    kept_rows[len(blocks)] = rows
+            blocks.append((u.name, start, stop))
+            sizes.append(int(rows.size))
+    return blocks, np.asarray(sizes, dtype=np.int64), kept_rows
 
 
 def _batch_bytes_bound(meta: dict[str, Any], teachers: list[str], batch: int) -> int:
