@@ -289,7 +289,6 @@ class FeatureStore:
                 raise StoreError(f"{self.root}: unit {unit} is damaged: {len(missing)} shard file(s) missing, e.g. "
                                  f"{missing[0]}. Run `comad-store validate {self.root}`; re-extract that unit.")
             self._checked_units.add(unit)
-        int8 = self.meta["dtype"] == "int8"
         teachers = teachers or self.teachers
         parts = ("core",) + ("meta",) * meta + ("pixels",) * pixels + ("cls",) * cls
         arrays = unit_arrays(self.meta, teachers, parts=parts)
@@ -306,7 +305,7 @@ class FeatureStore:
         where = f"{self.root}: unit {unit} rows {start}-{stop} view {view}"
         _check_indices(out["student_idx"], n_patches, f"{where} student_idx")
         for t in teachers:
-            got = _teacher_rows(stored[t], int8 and keep_int8, keep_float16)
+            got = _decoded_teacher(stored[t], keep_int8, keep_float16)
             _check_indices(got["idx"], n_patches, f"{where} teachers/{t}/idx")
             checked = [got[k] for k in ("patch", "cls", "patch_scale", "cls_scale")
                        if k in got and got[k].dtype.kind == "f"]
@@ -418,7 +417,7 @@ class FeatureStore:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _teacher_rows(stored: dict[str, np.ndarray], keep_int8: bool, keep_float16: bool) -> dict[str, np.ndarray]:
+def _decoded_teacher(stored: dict[str, np.ndarray], keep_int8: bool, keep_float16: bool) -> dict[str, np.ndarray]:
     """One teacher's arrays as read_block returns them: features decoded (store_schema.codec) unless kept as
     stored, an int8 feature's scale consumed by it (kept beside it with keep_int8), indices int64, any
     other array as stored."""
