@@ -85,6 +85,7 @@ class UnitWriter:
                 if f"teachers/{t}" in self.group:
                     _delete_dir(store, f"{self.path}/teachers/{t}")
         self._arrays: dict[str, zarr.Array] = {}
+        self._layout = unit_arrays(m, self.teachers, base=self.base)  # this writer's arrays (store_schema/layout.py)
         self._create_arrays()
         self.stats = {t: RunningStats(store.teacher_meta(t).dim) for t in self.teachers}
         self.buffer: list[UnitRows] = []
@@ -106,7 +107,7 @@ class UnitWriter:
     def _create_arrays(self) -> None:
         for t in self.teachers:
             self.group.create_group(f"teachers/{t}", attributes={TEACHER_ATTR: {"status": "writing"}})
-        for a in unit_arrays(self.store.meta, self.teachers, base=self.base):
+        for a in self._layout:
             self._new(a.path, a.row_shape, a.dtype, a.per_view)
 
     def append(self, rows: UnitRows) -> None:
@@ -200,7 +201,7 @@ class UnitWriter:
         encoded = {t: _encode(head.teachers[t], self.dtype) for t in self.teachers}
         data = {array.path: getattr(head, array.spec.name) if array.teacher is None
                 else encoded[array.teacher][array.spec.name]
-                for array in unit_arrays(self.store.meta, self.teachers, base=self.base)}
+                for array in self._layout}
         for i, (path, value) in enumerate(data.items()):
             arr = self._arrays[path]
             arr.resize((b, *arr.shape[1:]))
