@@ -310,7 +310,6 @@ def test_an_unbuildable_student_is_one_line_naming_the_keys(store_root, tmp_path
     assert code == 2 and "student.arch_kwargs" in err and "Traceback" not in err
 
 
-
 def test_store_is_listed_once_and_a_unit_completed_later_is_not_trained_on(tmp_path, monkeypatch):
     import distill.store_dataset as dataset_mod
     from store_fixtures import write_unit
