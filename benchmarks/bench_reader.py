@@ -56,12 +56,15 @@ def _features(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
-def codec(spec: str) -> tuple[str, int]:
-    """"blosc5" -> ("blosc", 5); a bare name is level 3 (pipeline.toml's store.compression_level)."""
-    m = re.fullmatch(r"(none|zstd|blosc)(\d*)", spec)
-    if m is None:
-        raise SystemExit(f"bench_reader: compression {spec!r}: use none, zstd or blosc, optionally with a level (blosc5)")
-    return m[1], int(m[2] or 3)
+def codec(spec: str) -> tuple[str, int, list[str]]:
+    """"blosc5" -> ("blosc", 5, []); a bare name is level 3 (pipeline.toml's store.compression_level);
+    "blosc3b0" is blosc with store.blosc_block_kib = 0 (blosc picks its blocks: the store before session 9)
+    -> ("blosc", 3, ["store.blosc_block_kib=0"]); without "b" the block is pipeline.toml's."""
+    m = re.fullmatch(r"(none|zstd|blosc)(\d*)(?:b(\d+))?", spec)
+    if m is None or (m[3] is not None and m[1] != "blosc"):
+        raise SystemExit(f"bench_reader: compression {spec!r}: use none, zstd or blosc, optionally with a level "
+                         f"(blosc5) and for blosc a block in KiB (blosc3b0)")
+    return m[1], int(m[2] or 3), [] if m[3] is None else [f"store.blosc_block_kib={int(m[3])}"]
 
 
 def _photo_pixels(rng: np.random.Generator, sidx: np.ndarray, image: int, p: int) -> np.ndarray:
@@ -93,9 +96,9 @@ def build_store(root: Path, dtype: str, compression: str, samples: int, unit_sam
     t0 = time.perf_counter()
     n_units = max(1, samples // unit_samples)
     urls = [f"{root}/src/bench-{i:06d}.tar" for i in range(n_units)]
-    name, level = codec(compression)
+    name, level, block = codec(compression)
     cfg = bench_config([f'store.root="{root}/store"', f'store.dtype="{dtype}"', f'store.compression="{name}"',
-                        f"store.compression_level={level}", f"data.urls={json.dumps(urls)}", *extra])
+                        f"store.compression_level={level}", *block, f"data.urls={json.dumps(urls)}", *extra])
     store = FeatureStore.create(cfg.store.root, cfg, {t: TeacherMeta(dim, cfg.teacher_tokens(t), f"bench-{t}")
                                                       for t in cfg.teachers})
     rng = np.random.default_rng(seed)
@@ -131,7 +134,7 @@ def build_compact(src_cfg, root: Path, samples: int, compression: str) -> dict:
     from store_schema.joint_stats import fit_joint_stats
     shutil.rmtree(root, ignore_errors=True)
     fit_joint_stats(FeatureStore.open(src_cfg.store.root, mode="r+"), src_cfg.store.joint_stats_samples)
-    name, level = codec(compression)
+    name, level, _ = codec(compression)  # the block: src_cfg's, which the compact store keeps
     t0 = time.perf_counter()  # the compact write alone (reading the source, mapping, encoding, writing)
     write_compact_store(src_cfg, f"{root}/store", dtype="float16", compression=name, compression_level=level)
     cfg = dataclasses.replace(src_cfg, store=dataclasses.replace(src_cfg.store, root=f"{root}/store"))

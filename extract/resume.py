@@ -37,6 +37,7 @@ _IN_FORCE = {
     "store.chunk_samples": ("meta", "chunk_samples"),
     "store.compression": ("meta", "compression"),
     "store.compression_level": ("meta", "compression_level"),
+    "store.blosc_block_kib": ("config", "store", "blosc_block_kib"),
     "data.max_image_pixels": ("config", "data", "max_image_pixels"),
 }
 _WHY = {"data.max_image_pixels": "so that every unit of the store is filtered alike"}

@@ -71,6 +71,7 @@ class StoreConfig:
     dtype: str
     compression: str
     compression_level: int
+    blosc_block_kib: int  # blosc's block (KiB) when compression = "blosc"; 0 lets blosc choose
     chunk_samples: int  # samples per inner chunk (one view): the unit of a training read
     shard_samples: int  # samples per shard file: the unit of a write, one writer each
     joint_stats_samples: int  # samples (view 0) read back for the cross-teacher statistics; 0 = all
@@ -275,6 +276,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 # validates (a config the user writes must still name every key). Add a key here when you add it above.
 ADDED_KEYS: dict[str, Any] = {
     "data.threads": 0, "data.storage_options": {}, "store.storage_options": {}, "store.joint_stats_samples": 4096,
+    "store.blosc_block_kib": 0,
     "heads.adapter_init": "pca", "heads.fusion": "target", "heads.cca_ridge": 0.01, "heads.collapse_min_std": 0.1,
     "heads.collapse_patience": 20, "heads.collapse_action": "stop", "gate.prior": "none", "gate.prior_power": 1.0,
     "loss.cls_weight": 0.0, "loss.cls_fusion": "mean", "train.threads": 0, "train.trackers": [],
@@ -532,6 +534,7 @@ def _number_ranges(cfg: PipelineConfig) -> dict[str, tuple[float, float]]:
         "views.num_views": (1, 256), "views.crop_scale": (1e-6, 1), "views.crop_ratio": (1e-3, 1e3),
         "views.hflip_prob": (0, 1), "masks.student_visible": (1e-9, 1),
         "store.compression_level": (0, {"zstd": 22, "blosc": 9}.get(cfg.store.compression, 22)),
+        "store.blosc_block_kib": (0, 2**16),
         "store.chunk_samples": (1, 2**20), "store.shard_samples": (1, 2**24),
         "store.joint_stats_samples": (0, big),
         "student.mean": (0, 1), "student.std": (1e-3, 1),  # of pixels scaled to [0, 1]

@@ -69,7 +69,9 @@ class UnitWriter:
         m = store.meta
         self.V, self.shard, self.chunk = m["num_views"], m["shard_samples"], m["chunk_samples"]
         self.dtype = m["dtype"]
-        self.compressors = compressors_for(m["compression"], m["compression_level"])
+        # a store written before store.blosc_block_kib existed let blosc choose its blocks (0): keep that
+        block_kib = m["config"].get("store", {}).get("blosc_block_kib", 0)
+        self.compressors = compressors_for(m["compression"], m["compression_level"], block_kib)
         units = store.group["units"]
         if self.base:
             _delete_dir(store, self.path)  # an interrupted (or torn) earlier attempt: redo from scratch

@@ -76,6 +76,8 @@ def test_out_of_range_numbers_are_refused(path, sign):
      "store.compression_level = 23 is outside its range [0, 22] with store.compression = 'zstd'"),
     (["store.compression=\"blosc\"", "store.compression_level=10"], "[0, 9] with store.compression = 'blosc'"),
     (["store.compression_level=-1"], "store.compression_level"),
+    (["store.blosc_block_kib=-1"], "store.blosc_block_kib = -1 is outside its range [0, 65536]"),
+    (["store.blosc_block_kib=65537"], "store.blosc_block_kib = 65537"),
     (["views.crop_ratio=[0.75, inf]"], "views.crop_ratio[1] = inf: every number must be finite"),
     (["views.crop_scale=[nan, 1.0]"], "views.crop_scale[0] = nan"),
     (["teachers.mocov3.mean=[0.4, nan, 0.4]"], "teachers.mocov3.mean[1] = nan"),
@@ -106,4 +108,5 @@ def test_the_boundaries_themselves_load():
                                       "heads.decoder_mlp_ratio=64.0", "views.crop_ratio=[0.001, 1000.0]"])
     assert cfg.store.compression_level == 22 and cfg.seed == 2**63 - 1
     load_config(PIPELINE_TOML, ["store.compression=\"blosc\"", "store.compression_level=9"])
+    assert [load_config(PIPELINE_TOML, [f"store.blosc_block_kib={k}"]).store.blosc_block_kib for k in (0, 65536)] == [0, 65536]
     load_config(REPO / "distill" / "demo" / "demo.toml")

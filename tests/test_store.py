@@ -300,3 +300,28 @@ def test_read_block_can_skip_what_training_does_not_use(tiny_cfg, monkeypatch):
     assert set(slim) == {"student_idx", "pixels", "teachers"} and set(slim["teachers"]["mae"]) == {"idx", "patch"}
     for t in tiny_cfg.teachers:
         np.testing.assert_array_equal(slim["teachers"][t]["patch"], full["teachers"][t]["patch"])
+
+
+def _blosc_blocksize(store: FeatureStore, unit: str) -> int:
+    """The block size in the blosc header of the first inner chunk of a unit's ibot patch array (view 0)."""
+    from store_schema.chunkread import ChunkReader
+    reader = ChunkReader(store)
+    path = f"units/{unit}/teachers/ibot/patch"
+    plan = reader.plan(path)
+    raw = reader._local(plan.key + "/c/0/0/0/0", 0, plan)
+    return int.from_bytes(raw[8:12].tobytes(), "little")  # blosc 1 header: 4 bytes of flags, nbytes, blocksize
+
+
+def test_blosc_writes_its_configured_block_and_an_older_store_keeps_blosc_s_own(tmp_path):
+    cfg = tiny_config(tmp_path, ['store.compression="blosc"', "store.blosc_block_kib=1"])
+    store = _create(cfg)
+    rows = write_unit(store, cfg, "a.tar", n=8)
+    assert _blosc_blocksize(store, unit_name("a.tar")) == 1024  # a chunk here is 4 x 11 x 32 float16 = 2,816 bytes
+    assert np.array_equal(zarr.open_group(cfg.store.root, mode="r")[f"units/{unit_name('a.tar')}/teachers/ibot/patch"][:, 1],
+                          rows.teachers["ibot"].patch[:, 1].astype(np.float16))  # plain zarr reads it
+    # A store written before the key existed has none in its saved config: its units keep blosc's own block.
+    root = dict(store.group.attrs)
+    del root["comad"]["config"]["store"]["blosc_block_kib"]
+    store.group.attrs.put(root)
+    write_unit(FeatureStore.open(cfg.store.root, mode="r+"), cfg, "b.tar", n=8)
+    assert _blosc_blocksize(store, unit_name("b.tar")) == 2816  # blosc's choice for so small a chunk: all of it
