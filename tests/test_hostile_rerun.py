@@ -82,7 +82,7 @@ def test_duplicates_excluded_across_runs_reach_the_trainer_once(tmp_path):
 @pytest.mark.parametrize("key, first, second", [
     ("store.shard_samples", 8, 16), ("store.shard_samples", 8, 4), ("store.chunk_samples", 4, 2),
     ("store.compression", '"zstd"', '"blosc"'), ("store.compression", '"zstd"', '"none"'),
-    ("store.compression_level", 3, 9), ("data.max_image_pixels", 89478485, 1000),
+    ("store.compression_level", 3, 9), ("store.blosc_block_kib", 1024, 1), ("data.max_image_pixels", 89478485, 1000),
 ])
 def test_a_setting_the_store_keeps_is_named_with_the_value_in_force(tmp_path, caplog, key, first, second):
     a = tar(tmp_path, "a", list(range(0, 5)), seed=1)
