@@ -7,6 +7,10 @@
 and the FLOP ratio (online / store) counted from the architectures.
 
     python -m benchmarks.bench_distill [--images 64] [--batch 16] [--steps 10] [--rounds 4] [--online-steps 2]
+        [--mixed-precision no|bf16]
+
+On a CUDA machine the student trains on the GPU (accelerate picks it) and every timed step ends in a
+synchronisation; `--mixed-precision bf16` is train.mixed_precision (the online teachers as store.teacher_precision).
 
 The images go into two tars, so with 64 images each unit holds 32 samples: one whole 32-sample chunk
 (pipeline.toml's store.chunk_samples) per block read, as in a real store of ~1,000-image tars. Fewer images
@@ -74,6 +78,8 @@ def timed_steps(step_fn, batches, n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         step_fn(next(batches))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels, not just their launch
         times.append(time.perf_counter() - t0)
     return times
 
@@ -87,6 +93,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--online-steps", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--mixed-precision", choices=("no", "bf16"), default="no", help="train.mixed_precision")
     ap.add_argument("--out", default=None)
     return ap.parse_args()
 
@@ -98,7 +105,8 @@ def extracted_config(args: argparse.Namespace, out: Path) -> PipelineConfig:
     overrides = write_teacher_checkpoints(base, out / "ckpt") + [
         f"data.urls={urls!r}".replace("'", '"'), "data.batch_size=16", "data.num_workers=1",
         f'store.root="{out}/store"', f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch}",
-        f"train.num_workers={args.workers}", f'train.run_dir="{out}/run"', "optim.warmup_steps=0"]
+        f"train.num_workers={args.workers}", f'train.run_dir="{out}/run"', "optim.warmup_steps=0",
+        f'train.mixed_precision="{args.mixed_precision}"']
     cfg = bench_config(overrides)
     if not (out / "store").exists():
         t0 = time.perf_counter()
@@ -111,7 +119,7 @@ def build_trainer(cfg: PipelineConfig, store: FeatureStore,
                   dims: dict[str, int]) -> tuple[Accelerator, nn.Module, Callable[..., None]]:
     """The student, optimizer and scheduler, set up as training does -> (accelerator, model, step(batch))."""
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="no")
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     torch.manual_seed(0)
     model = CoMADDistiller(cfg, dims)
     model.init_from_statistics({t: store.teacher_stats(t) for t in cfg.teachers}, pca=True)
@@ -133,6 +141,8 @@ def report(args: argparse.Namespace, cfg: PipelineConfig, student: nn.Module, di
     res = {"steps_per_s": {k: 1 / v for k, v in med.items()},
            "store_over_memory": med["memory"] / med["store"], "store_speedup_over_online": med["online"] / med["store"],
            "flops": flops, "batch": args.batch, "workers": args.workers,
+           "device": str(next(student.parameters()).device), "mixed_precision": args.mixed_precision,
+           "images_per_s": {k: args.batch / v for k, v in med.items()},
            "loader_batches": arrived,
            "times_s": {"store": t_store, "memory": t_memory, "online": t_online}}
     print_table(f"Training benchmark: ViT-Tiny/16 student, 3 x ViT-B/16 teachers, 224 px, batch {args.batch}, "

@@ -5,7 +5,10 @@
 2. the three token-dropped teachers at 40/55/70 % vs three full-image forwards (goal: <= 0.56 of the time);
 3. store bytes per view for float32 / float16 / int8 (the same features re-encoded through UnitWriter).
 
-    python benchmarks/bench_extract.py [--images 32] [--repeats 3] [--out /tmp/bench_extract]
+    python benchmarks/bench_extract.py [--images 32] [--repeats 3] [--precision float32|bf16] [--out DIR]
+
+On a CUDA machine everything runs on the GPU (extraction picks it by itself); `--precision bf16` sets
+store.teacher_precision and runs the bare forwards under the same bf16 autocast.
 """
 from __future__ import annotations
 
@@ -36,6 +39,18 @@ from vit_layers.checkpoints import load_teacher
 from vit_layers.forward import forward_visible
 from vit_layers.pixels import normalize_pixels
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where run_extraction runs the teachers
+
+
+def _forwards(precision: str):
+    """The context of a bare teacher forward: inference mode, autocast as store.teacher_precision asks."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def prepared_views(cfg) -> list[tuple[torch.Tensor, dict[str, np.ndarray]]]:
     """Every (image, view) exactly as extraction prepares it: uint8 view image + teacher masks."""
@@ -54,32 +69,35 @@ def prepared_views(cfg) -> list[tuple[torch.Tensor, dict[str, np.ndarray]]]:
 
 def bare_forwards(cfg, teachers, views) -> None:
     b = cfg.data.batch_size
-    with torch.inference_mode():
+    with torch.inference_mode(), _forwards(cfg.store.teacher_precision):
         for i in range(0, len(views), b):
             chunk = views[i:i + b]
-            imgs = torch.stack([c[0] for c in chunk])
+            imgs = torch.stack([c[0] for c in chunk]).to(DEVICE)
             for name, model in teachers.items():
                 t = cfg.teachers[name]
-                idx = torch.from_numpy(np.stack([c[1][name] for c in chunk])).long()
+                idx = torch.from_numpy(np.stack([c[1][name] for c in chunk])).long().to(DEVICE)
                 forward_visible(model, normalize_pixels(imgs, t.mean, t.std), idx)
+    _sync()
 
 
 def dropped_vs_full(cfg, teachers, batch: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size)
+    x = torch.randn(batch, 3, cfg.data.image_size, cfg.data.image_size).to(DEVICE)
     n = cfg.num_patches
-    idx = {k: torch.stack([torch.randperm(n)[:cfg.teacher_tokens(k)].sort().values for _ in range(batch)])
+    idx = {k: torch.stack([torch.randperm(n)[:cfg.teacher_tokens(k)].sort().values for _ in range(batch)]).to(DEVICE)
            for k in teachers}
 
     def dropped():
-        with torch.inference_mode():
+        with torch.inference_mode(), _forwards(cfg.store.teacher_precision):
             for k, m in teachers.items():
                 forward_visible(m, x, idx[k])
+        _sync()
 
     def full():
-        with torch.inference_mode():
+        with torch.inference_mode(), _forwards(cfg.store.teacher_precision):
             for m in teachers.values():
                 m.forward_features(x)
+        _sync()
 
     t_drop, t_full = [], []
     dropped(), full()  # warm-up
@@ -142,15 +160,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--precision", choices=("float32", "bf16"), default="float32", help="store.teacher_precision")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_extract_"))
     base = bench_config([])
     urls = write_image_tars(out / "data", args.images, per_tar=max(1, args.images // 2))
     BASE_OVERRIDES[:] = write_teacher_checkpoints(base, out / "ckpt") + [
-        f"data.urls={urls!r}".replace("'", '"'), f"data.batch_size={args.batch}", f"data.num_workers={args.workers}"]
+        f"data.urls={urls!r}".replace("'", '"'), f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
+        f'store.teacher_precision="{args.precision}"']
     cfg = bench_config(BASE_OVERRIDES + [f'store.root="{out}/store-run0"'])
-    teachers = {k: load_teacher(t, cfg.data.image_size, cfg.data.patch_size)[0] for k, t in cfg.teachers.items()}
+    teachers = {k: load_teacher(t, cfg.data.image_size, cfg.data.patch_size)[0].to(DEVICE)
+                for k, t in cfg.teachers.items()}
 
     part2 = dropped_vs_full(cfg, teachers, args.batch, args.repeats)
     views = prepared_views(cfg)
@@ -171,7 +192,7 @@ def main() -> None:
     part3 = bytes_per_view(cfg, f"{out}/store-run0", out)
 
     print_table(f"Extraction benchmark: {args.images} images x {cfg.views.num_views} views, ViT-B/16 x3 at "
-                f"{cfg.data.image_size}, batch {args.batch}, median of {args.repeats}", [
+                f"{cfg.data.image_size}, batch {args.batch}, {args.precision} on {DEVICE}, median of {args.repeats}", [
         ("(1) extraction images/s", f"{part1['extract_images_per_s']:.3f}"),
         ("(1) bare teacher forwards images/s", f"{part1['bare_images_per_s']:.3f}"),
         ("(1) ratio (goal >= 0.85)", f"{part1['ratio']:.3f}"),
@@ -183,6 +204,7 @@ def main() -> None:
            f"{v['student_pixel_bytes_per_view'] / 1e3:.1f})") for d, v in part3.items()],
     ])
     print_json("extract", {"images": args.images, "views": cfg.views.num_views, "batch": args.batch,
+                           "device": str(DEVICE), "precision": args.precision,
                            "repeats": args.repeats, "extract_vs_bare": part1, "dropped_vs_full": part2,
                            "bytes_per_view": part3})
 

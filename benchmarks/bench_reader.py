@@ -10,18 +10,20 @@ read path that was the only one before issue 14, int8 decoded to float32 in the 
 process, side by side with `engine = "direct"` (store_schema/chunkread.py; int8 kept as int8 + scale).
 
     python -m benchmarks.bench_reader [--quick] [--samples 128] [--batches 24] [--repeats 3]
-        [--dtypes float16 int8] [--compressions none zstd blosc blosc5] [--workers 0 1 2] [--engines zarr direct]
+        [--dtypes float16 int8] [--compressions none zstd blosc blosc3b0] [--workers 0 1 2] [--engines zarr direct]
         [--pixels random|photo]
 
 Reported per variant: samples per CPU-second (the figure that decides how many cores feed a GPU),
 samples per wall-second (noisy on a shared machine), stored MB read per CPU-second, and the stored bytes
 per view. The JSON key `samples_per_cpu_s` holds {engine/dtype/compression/workers: median}. A
 compression is a codec name with an optional level (`blosc5` = blosc at level 5; no digits = level 3,
-pipeline.toml's). dtype "compact" is the compact store (distill/compact.py: float16 features already
-mapped by the default frozen CCA basis to the target width), one per compression, written from the
-float16 store of that compression; `compact_over_float16_ratio` is the bytes per view of the compact
-store as distill/compact.py writes it by default (its own codec, when among --compressions) over
-today's float16 store's (pipeline.toml: zstd level 3), `..._by_compression` the same at equal codecs.
+pipeline.toml's) and, for blosc, a block in KiB (`blosc3b0`: blosc picks its own blocks, the codec of
+blosc stores before session 9; without it pipeline.toml's store.blosc_block_kib). dtype "compact" is the
+compact store (distill/compact.py: float16 features already mapped by the default frozen CCA basis to the
+target width), one per compression, written from the float16 store of that compression;
+`compact_over_float16_ratio` is the bytes per view of the compact store as distill/compact.py writes it
+by default (its own codec, when among --compressions) over the float16 store issue 14 measured against
+(zstd level 3, pipeline.toml's codec until session 9), `..._by_compression` the same at equal codecs.
 `--pixels photo` stores student pixels cut from the photos scikit-learn ships (random crops, as the
 extractor's views) instead of uniform noise, which no codec can shrink.
 """
@@ -194,8 +196,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=24, help="timed batches per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"])
-    ap.add_argument("--compressions", nargs="+", default=["none", "zstd", "blosc", "blosc5"],
-                    help="codec[level]: none, zstd, blosc, blosc5 (blosc at level 5: the compact store's default)")
+    ap.add_argument("--compressions", nargs="+", default=["none", "zstd", "blosc", "blosc3b0"],
+                    help="codec[level][bKiB]: none, zstd, blosc (pipeline.toml's and the compact store's codec), "
+                         "blosc3b0 (blosc choosing its blocks: blosc stores before session 9)")
     ap.add_argument("--pixels", choices=("random", "photo"), default="random",
                     help="student pixels: uniform noise (incompressible) or crops of real photos")
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
@@ -278,8 +281,9 @@ def add_compact_ratios(args: argparse.Namespace, res: dict) -> None:
               for c in args.compressions if f"compact/{c}" in res["bytes_per_view"]}
     if ratios:  # the compact store's bytes per view over today's float16 store's
         from distill.compact import COMPRESSION, COMPRESSION_LEVEL
-        shipped = f"{COMPRESSION}{COMPRESSION_LEVEL}"  # the codec distill/compact.py writes by default
-        today = res["bytes_per_view"].get("float16/zstd")  # pipeline.toml's store: zstd level 3
+        # the codec distill/compact.py writes by default, as --compressions names it (the config's block)
+        shipped = next((c for c in args.compressions if codec(c) == (COMPRESSION, COMPRESSION_LEVEL, [])), None)
+        today = res["bytes_per_view"].get("float16/zstd")  # issue 14's baseline: zstd level 3
         if today and f"compact/{shipped}" in res["bytes_per_view"]:
             res["compact_over_float16_ratio"] = res["bytes_per_view"][f"compact/{shipped}"] / today
             res["compact_over_float16_ratio_of"] = f"compact/{shipped} over float16/zstd"

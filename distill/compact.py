@@ -41,12 +41,12 @@ from store_schema.writer import TeacherRows, UnitRows, UnitWriter
 
 ATTR = "comad_compact"
 MAP_GROUP = "compact_map"
-# The compact store's own codec (issue 14: <= 0.30 of a float16 zstd store's bytes). Lossless, and a
-# store written once and read every epoch: blosc (zstd after a byte shuffle) at level 5 separates
-# float16's sign/exponent bytes from its mantissa bytes in blocks large enough for zstd to find them
-# (15 % smaller features than plain zstd, decoded as fast; at level 3 blosc picks blocks too small
-# and saves no more than zstd: BENCHMARKS.md "Session 5: issue 14").
-COMPRESSION, COMPRESSION_LEVEL = "blosc", 5
+# The compact store's own codec (issue 14: <= 0.30 of a float16 zstd store's bytes), whatever the full
+# store's: blosc (zstd after a byte shuffle, in the config's store.blosc_block_kib blocks) separates
+# float16's sign/exponent bytes from its mantissa bytes (15 % smaller features than plain zstd, decoded
+# 1.2-1.3x faster: BENCHMARKS.md "Session 9"). Level 3: with 1 MiB blocks level 5 stores the same bytes,
+# more slowly. `--compression none` reads ~1.5x faster and stores ~0.14x more (the same table).
+COMPRESSION, COMPRESSION_LEVEL = "blosc", 3
 
 
 def compact_record(store: FeatureStore) -> dict[str, Any] | None:

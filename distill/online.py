@@ -133,6 +133,7 @@ class LiveTeachers(nn.Module):
         out["teacher_patch"], out["teacher_cls"] = {}, {}
         for name, model in self.teachers.items():
             tc = self.cfg.teachers[name]
-            cls, patch = teacher_forward(model, batch["view_images"], batch["teacher_idx"][name], tc.mean, tc.std)
+            cls, patch = teacher_forward(model, batch["view_images"], batch["teacher_idx"][name], tc.mean, tc.std,
+                                         self.cfg.store.teacher_precision)  # as extraction would store them
             out["teacher_patch"][name], out["teacher_cls"][name] = patch, cls
         return out

@@ -324,7 +324,8 @@ def _teacher_rows(cfg: PipelineConfig, models: dict[str, torch.nn.Module], c: Ch
     for name, model in models.items():
         tc = cfg.teachers[name]
         idx = c.teacher_idx[name]  # (m, V, Kt)
-        cls, patch = teacher_forward(model, images, torch.from_numpy(idx.reshape(m * V, -1)), tc.mean, tc.std)
+        cls, patch = teacher_forward(model, images, torch.from_numpy(idx.reshape(m * V, -1)), tc.mean, tc.std,
+                                     cfg.store.teacher_precision)
         fault_point("teacher_forward")
         patch = patch.cpu().numpy().reshape(m, V, idx.shape[-1], -1)
         cls = cls.cpu().numpy().reshape(m, V, -1)

@@ -43,13 +43,15 @@ def prepare_view(cfg: PipelineConfig, image: Image.Image, key: str, view: int) -
 
 
 def teacher_forward(model: torch.nn.Module, images: torch.Tensor, idx: torch.Tensor, mean: list[float],
-                    std: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (B,3,H,W), visible indices (B,K) -> float32 cls (B,D), patch (B,K,D) on the model's device."""
+                    std: list[float], precision: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B,3,H,W), visible indices (B,K) -> float32 cls (B,D), patch (B,K,D) on the model's device.
+
+    precision "bf16" runs the forward under bfloat16 autocast (store.teacher_precision: tensor-core speed on
+    a GPU; the features keep bf16's 8-bit mantissa); "float32" with autocast off, whatever the caller's."""
     dev = next(model.parameters()).device
     x = normalize_pixels(images.to(dev, non_blocking=True), mean, std)
-    # no_grad, not inference_mode: online targets meet autograd tensors in the trainer's loss. Autocast off:
-    # targets are computed in float32 as extraction stores them, whatever the trainer's mixed precision.
-    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+    # no_grad, not inference_mode: online targets meet autograd tensors in the trainer's loss.
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         cls, patch = forward_visible(model, x, idx.to(dev))
     return cls.float(), patch.float()
 

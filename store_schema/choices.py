@@ -14,6 +14,7 @@ CHECKPOINT_FORMATS = ("mae", "mocov3", "ibot", "state_dict")  # local checkpoint
 TEACHER_FORMATS = ("timm", *CHECKPOINT_FORMATS)  # teachers.<name>.format: "timm" downloads a tag
 FEATURE_DTYPES = ("float32", "float16", "int8")  # store.dtype (store_schema/codec.py)
 COMPRESSIONS = ("zstd", "blosc", "none")  # store.compression (store_schema/codec.py)
+TEACHER_PRECISIONS = ("float32", "bf16")  # store.teacher_precision: what the teachers compute in (extract/prepare.py)
 ADAPTER_INITS = ("cca", "pca", "random")  # heads.adapter_init
 FUSIONS = ("target", "loss")  # heads.fusion
 COLLAPSE_ACTIONS = ("stop", "warn")  # heads.collapse_action

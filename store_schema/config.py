@@ -69,6 +69,7 @@ class TeacherConfig:
 class StoreConfig:
     root: str
     dtype: str
+    teacher_precision: str  # the teachers' forward when writing: float32, or bf16 autocast (fingerprinted)
     compression: str
     compression_level: int
     blosc_block_kib: int  # blosc's block (KiB) when compression = "blosc"; 0 lets blosc choose
@@ -207,6 +208,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # each set is defined once, in store_sc
     "teachers.*.format": choices.TEACHER_FORMATS,
     "store.dtype": choices.FEATURE_DTYPES,
     "store.compression": choices.COMPRESSIONS,
+    "store.teacher_precision": choices.TEACHER_PRECISIONS,
     "heads.adapter_init": choices.ADAPTER_INITS,
     "heads.fusion": choices.FUSIONS,
     "heads.collapse_action": choices.COLLAPSE_ACTIONS,
@@ -276,7 +278,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 # validates (a config the user writes must still name every key). Add a key here when you add it above.
 ADDED_KEYS: dict[str, Any] = {
     "data.threads": 0, "data.storage_options": {}, "store.storage_options": {}, "store.joint_stats_samples": 4096,
-    "store.blosc_block_kib": 0,
+    "store.blosc_block_kib": 0, "store.teacher_precision": "float32",
     "heads.adapter_init": "pca", "heads.fusion": "target", "heads.cca_ridge": 0.01, "heads.collapse_min_std": 0.1,
     "heads.collapse_patience": 20, "heads.collapse_action": "stop", "gate.prior": "none", "gate.prior_power": 1.0,
     "loss.cls_weight": 0.0, "loss.cls_fusion": "mean", "train.threads": 0, "train.trackers": [],

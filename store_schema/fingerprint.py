@@ -36,6 +36,8 @@ def fingerprint_from_config(cfg: PipelineConfig, weights_sha256: dict[str, str] 
         if weights_sha256 is not None:
             teachers[name]["weights_sha256"] = weights_sha256[name]
     v = cfg.views
+    # Only a non-default precision is recorded, so that stores written before the key keep their fingerprint.
+    precision = {} if cfg.store.teacher_precision == "float32" else {"teacher_precision": cfg.store.teacher_precision}
     return {
         "schema_major": int(SCHEMA_VERSION.split(".")[0]),
         "image_size": cfg.data.image_size,
@@ -49,6 +51,7 @@ def fingerprint_from_config(cfg: PipelineConfig, weights_sha256: dict[str, str] 
         "teachers": teachers,
         "dtype": cfg.store.dtype,
         "seed": cfg.seed,
+        **precision,
     }
 
 
