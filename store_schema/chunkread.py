@@ -9,6 +9,8 @@ little-endian uint64 (offset, length) pairs + CRC32C at the end of the shard fil
 - each shard's index is read once (a suffix read), its CRC32C verified, and cached;
 - an inner chunk is one byte-range read, its CRC32C verified (google-crc32c: hardware CRC), then
   decompressed by numcodecs (the library zarr itself uses), and viewed — not copied — as the array;
+- local reads and blosc decoding land in reused buffers (`_Buffers`): a fresh multi-MB buffer per chunk
+  costs the kernel's zeroing of every page, as much again as the copy (BENCHMARKS.md, "Session 9");
 - a chunk the index marks empty, a shard file that is missing or shorter than its index, or a wrong
   checksum is a StoreError: never fill values passed off as data.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +47,41 @@ _EMPTY = np.uint64(2**64 - 1)  # an index entry (offset, length) of all ones: th
 
 class Unsupported(Exception):
     """The array is not laid out as the contract says (another writer): read it with zarr."""
+
+
+class _Buffers:
+    """Byte buffers handed out again once nothing else refers to them.
+
+    A chunk's array is a view of its buffer, and numpy views keep their base array alive, so a buffer whose
+    only references are this pool's is free: no reader, batch or tensor can still see it. Sizes are rounded
+    up to eighths of a power of two, so the compressed chunks of an array (a few % apart) share buffers.
+    Up to `keep` buffers are kept, a free one of another size giving way to a new one; the lock makes
+    taking one atomic across the read threads. The reference count is CPython's: without the GIL there
+    is no pool. Memory: the buffers a reader needed at once, kept instead of returned to the system.
+    """
+
+    def __init__(self, keep: int = 64):
+        self.keep = keep if getattr(sys, "_is_gil_enabled", lambda: True)() else 0
+        self._kept: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> np.ndarray:
+        """An uninitialised uint8 buffer of n bytes (a view of a kept one when one is free)."""
+        step = 1 << max(n.bit_length() - 3, 12)
+        size = -(-n // step) * step
+        with self._lock:
+            spare = None
+            for b in self._kept:  # a free buffer's references: the list's, `b`'s, getrefcount's argument
+                if sys.getrefcount(b) == 3:
+                    if b.size == size:
+                        return b[:n]
+                    spare = b
+            b = np.empty(size, dtype=np.uint8)
+            if spare is not None and len(self._kept) >= self.keep:
+                self._kept = [k for k in self._kept if k is not spare]  # not list.remove: it compares with ==
+            if len(self._kept) < self.keep:
+                self._kept.append(b)
+            return b[:n]
 
 
 @dataclass(frozen=True)
@@ -109,6 +148,7 @@ class ChunkReader:
         self._plans: dict[str, _Plan] = {}
         self._index: dict[str, np.ndarray] = {}  # shard key -> (n_index, 2) uint64
         self.unsupported: set[str] = set()
+        self._buffers = _Buffers()
 
     def plan(self, path: str) -> _Plan:
         if path not in self._plans:
@@ -176,7 +216,7 @@ class ChunkReader:
                     raise self._damaged(key, f"shard file of {size} bytes is shorter than its index")
                 index = self._index[key] = self._parse_index(key, os.pread(fd, n, size - n), size - n)
             off, length = self._entry(key, index, lin)
-            buf = np.empty(length, dtype=np.uint8)
+            buf = self._buffers.get(length)
             got = os.preadv(fd, [buf], off)
             if got != length:
                 raise self._damaged(key, f"chunk {lin} cut short ({got} of {length} bytes)")
@@ -238,7 +278,7 @@ class ChunkReader:
             if p.codec == "zstd":
                 data = np.frombuffer(_zstd.decompress(body), dtype=np.uint8)
             elif p.codec == "blosc":
-                data = np.frombuffer(_blosc.decompress(body), dtype=np.uint8)
+                data = self._blosc(body, p.chunk_bytes)
             else:
                 data = body
         except Exception as e:  # a frame the checksum passed but the decoder refuses: written wrong
@@ -249,3 +289,10 @@ class ChunkReader:
         if len(p.chunk) > 1:
             arr = arr[:, 0]  # the one view of a per-view chunk
         return arr
+
+    def _blosc(self, body: np.ndarray, chunk_bytes: int) -> np.ndarray:
+        """A blosc frame decoded into a reused buffer when its header says it holds a whole chunk."""
+        nbytes = int.from_bytes(body[4:8].tobytes(), "little") if body.size >= 16 else -1  # blosc 1 header
+        if nbytes != chunk_bytes:  # a short frame: decoded as it is, so the size check names it
+            return np.frombuffer(_blosc.decompress(body), dtype=np.uint8)
+        return _blosc.decompress(body, self._buffers.get(chunk_bytes))

@@ -10,7 +10,7 @@ import torch
 import zarr
 
 from distill.store_dataset import StoreBatches, dequantize_targets
-from store_schema.chunkread import ChunkReader
+from store_schema.chunkread import ChunkReader, _Buffers
 from store_schema.store import FeatureStore, StoreError, unit_name
 from store_fixtures import teacher_meta, write_unit
 from conftest import tiny_config
@@ -35,8 +35,8 @@ def _equal(x, y):
         assert np.array_equal(x, y, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype,compression", [("float16", "zstd"), ("float16", "none"), ("float32", "blosc"),
-                                               ("int8", "zstd"), ("int8", "none")])
+@pytest.mark.parametrize("dtype,compression", [("float16", "zstd"), ("float16", "none"), ("float16", "blosc"),
+                                               ("float32", "blosc"), ("int8", "zstd"), ("int8", "none")])
 def test_direct_reads_equal_zarr_reads(tmp_path, dtype, compression):
     cfg, store, _ = _store(tmp_path, dtype, compression)
     fresh = FeatureStore.open(cfg.store.root)  # its own shard-index cache
@@ -48,6 +48,37 @@ def test_direct_reads_equal_zarr_reads(tmp_path, dtype, compression):
                 for kw in ({}, {"keep_float16": True, "meta": False}, {"keep_int8": True, "cls": False}):
                     _equal(store.read_block(name, start, stop, v, **kw),
                            fresh.read_block(name, start, stop, v, engine="direct", **kw))
+
+
+@pytest.mark.parametrize("compression", ["none", "blosc"])
+def test_reused_buffers_never_change_a_block_still_held(tmp_path, compression):
+    cfg, store, _ = _store(tmp_path, "float16", compression)
+    fresh = FeatureStore.open(cfg.store.root)
+    reads = [(unit_name(src), a, min(a + 4, n), v) for src, n in (("a.tar", 13), ("b.tar", 6))
+             for a in range(0, n, 4) for v in range(cfg.views.num_views)]
+    held = [fresh.read_block(*r, engine="direct", keep_float16=True) for r in reads * 3]  # all alive at once
+    for r, got in zip(reads * 3, held):
+        _equal(store.read_block(*r, keep_float16=True), got)
+    kept = fresh.chunk_reader()._buffers._kept
+    del held, got
+    for r in reads:  # nothing held any more: later reads land in the kept buffers
+        patch = fresh.read_block(*r, engine="direct", keep_float16=True)["teachers"]["mae"]["patch"]
+        assert any(patch.base is b for b in kept)
+
+
+def test_buffer_pool_hands_out_only_free_buffers():
+    pool = _Buffers(keep=2)
+    a, b = pool.get(10_000), pool.get(10_000)
+    assert a.size == b.size == 10_000 and a.base is not b.base  # `a` is still held
+    first = id(a.base)
+    del a
+    c = pool.get(9_000)  # the same size class: a's buffer, free again
+    assert id(c.base) == first and c.size == 9_000
+    del b
+    d = pool.get(1_000_000)  # the pool is full: the free buffer of another size gives way
+    assert len(pool._kept) == 2 and any(k is d.base for k in pool._kept) and any(k is c.base for k in pool._kept)
+    e = pool.get(1_000_000)  # nothing free: a fresh buffer, not kept
+    assert e.base is not d.base and len(pool._kept) == 2
 
 
 def test_plain_zarr_still_reads_the_store(tmp_path):
