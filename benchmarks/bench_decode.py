@@ -4,6 +4,8 @@ Real photos (scikit-learn's two sample images) cut into ImageNet-sized crops (50
 ImageNet-1k image) and saved as JPEG (quality 90), decoded by:
 
   pil          — what extraction does (store_schema/shards.py: PIL, converted to RGB), per CPU-second
+  pil+views    — that and everything else a decode worker does per image: both views cropped, resized to
+                 224 and flipped, masks drawn, the student's pixels cut (extract/prepare.prepare_view)
   tv-cpu       — torchvision.io.decode_jpeg on the CPU (libjpeg-turbo), per CPU-second
   tv-cuda      — torchvision.io.decode_jpeg on the GPU (nvJPEG), batches of --batch, per wall-second
                  (only with a CUDA device)
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import print_json, print_table
+from benchmarks.common import bench_config, print_json, print_table
 
 
 def jpeg_images(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
@@ -51,6 +53,14 @@ def jpeg_images(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -
 def _pil(files: list[bytes]) -> None:
     for f in files:
         Image.open(io.BytesIO(f)).convert("RGB").load()
+
+
+def _pil_views(files: list[bytes], cfg) -> None:
+    from extract.prepare import prepare_view
+    for i, f in enumerate(files):
+        image = Image.open(io.BytesIO(f)).convert("RGB")
+        for v in range(cfg.views.num_views):
+            prepare_view(cfg, image, f"{i:06d}", v)
 
 
 def _tv_cpu(files: list[bytes]) -> None:
@@ -86,8 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     files = jpeg_images(args.images)
+    cfg = bench_config([])  # pipeline.toml: 224 px, 2 views, its masks
     res = {"images": args.images, "mean_jpeg_kb": sum(map(len, files)) / len(files) / 1e3,
            "images_per_cpu_s": {"pil": rate(lambda: _pil(files), len(files), args.repeats, time.process_time),
+                                "pil+views": rate(lambda: _pil_views(files, cfg), len(files), args.repeats,
+                                                  time.process_time),
                                 "tv-cpu": rate(lambda: _tv_cpu(files), len(files), args.repeats, time.process_time)}}
     if torch.cuda.is_available():
         res["images_per_wall_s"] = {"tv-cuda": rate(lambda: _tv_cuda(files, args.batch), len(files), args.repeats,
