@@ -125,9 +125,11 @@ def write_compact_store(cfg: PipelineConfig, dst_root: str, dtype: str = "float1
     rec = {"source_root": str(src.root), "source_fingerprint": src.fingerprint, "source_units_digest": digest,
            "source_joint_stats": joint_stats_record(src), "source_effective_ranks": ranks, **_map_fields(cfg, width),
            "maps_sha256": _maps_sha256(maps), "dtype": dtype}
+    precision = src.fingerprint.get("teacher_precision", "float32")  # the source's teachers, not this config's
     dcfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, root=dst_root, dtype=dtype,
                                                               compression=compression,
-                                                              compression_level=compression_level))
+                                                              compression_level=compression_level,
+                                                              teacher_precision=precision))
     metas = {t: TeacherMeta(width, src.teacher_meta(t).tokens, src.teacher_meta(t).weights_sha256) for t in teachers}
     dst = FeatureStore.create(dst_root, dcfg, metas, storage_options=storage_options)
     dst.group.attrs.put({"comad": dst.meta, ATTR: {**rec, "status": "writing"}})

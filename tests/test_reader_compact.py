@@ -140,3 +140,15 @@ def test_the_gate_prior_comes_from_the_source_store(stores, tmp_path):
     with pytest.raises(ConfigError, match="gate.prior.*write it again"):
         check_compact_training(ccfg, old)
     assert check_compact_training(_with_root(ccfg, ccfg.store.root, [("gate.prior", "none")]), old) is not None
+
+
+def test_the_compact_store_keeps_the_source_teachers_precision(stores, tmp_path):
+    cfg, _ = stores
+    src = tmp_path / "bf16-store"
+    shutil.copytree(cfg.store.root, src)
+    full = FeatureStore.open(str(src), mode="r+")  # as if its teachers had run under bf16 autocast
+    root = dict(full.group.attrs)
+    root["comad"]["fingerprint"]["teacher_precision"] = "bf16"
+    full.group.attrs.put(root)
+    write_compact_store(_with_root(cfg, str(src)), str(tmp_path / "compact"))  # a float32 config
+    assert FeatureStore.open(str(tmp_path / "compact")).fingerprint["teacher_precision"] == "bf16"
