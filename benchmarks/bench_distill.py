@@ -10,7 +10,8 @@ and the FLOP ratio (online / store) counted from the architectures.
         [--mixed-precision no|bf16]
 
 On a CUDA machine the student trains on the GPU (accelerate picks it) and every timed step ends in a
-synchronisation; `--mixed-precision bf16` is train.mixed_precision (the online teachers as store.teacher_precision).
+synchronisation; `--mixed-precision bf16` sets train.mixed_precision and store.teacher_precision (the extraction's
+and the online teachers' forward), so every path runs in bf16 (use another --out than a float32 run's).
 
 The images go into two tars, so with 64 images each unit holds 32 samples: one whole 32-sample chunk
 (pipeline.toml's store.chunk_samples) per block read, as in a real store of ~1,000-image tars. Fewer images
@@ -70,7 +71,10 @@ def in_memory(batch: Any) -> Any:
     """
     if isinstance(batch, dict):
         return {k: in_memory(v) for k, v in batch.items()}
-    return batch.clone() if isinstance(batch, torch.Tensor) else batch
+    if not isinstance(batch, torch.Tensor):
+        return batch
+    # pinned like the loader's batches on a GPU machine, so both paths copy to the device alike
+    return batch.clone().pin_memory() if torch.cuda.is_available() else batch.clone()
 
 
 def timed_steps(step_fn, batches, n: int) -> list[float]:
@@ -106,7 +110,8 @@ def extracted_config(args: argparse.Namespace, out: Path) -> PipelineConfig:
         f"data.urls={urls!r}".replace("'", '"'), "data.batch_size=16", "data.num_workers=1",
         f'store.root="{out}/store"', f"train.batch_size={args.batch}", f"train.shuffle_window={args.batch}",
         f"train.num_workers={args.workers}", f'train.run_dir="{out}/run"', "optim.warmup_steps=0",
-        f'train.mixed_precision="{args.mixed_precision}"']
+        f'train.mixed_precision="{args.mixed_precision}"',
+        f'store.teacher_precision="{"bf16" if args.mixed_precision == "bf16" else "float32"}"']
     cfg = bench_config(overrides)
     if not (out / "store").exists():
         t0 = time.perf_counter()

@@ -56,12 +56,18 @@ class _Buffers:
     only references are this pool's is free: no reader, batch or tensor can still see it. Sizes are rounded
     up to eighths of a power of two, so the compressed chunks of an array (a few % apart) share buffers.
     Up to `keep` buffers are kept, a free one of another size giving way to a new one; the lock makes
-    taking one atomic across the read threads. The reference count is CPython's: without the GIL there
-    is no pool. Memory: the buffers a reader needed at once, kept instead of returned to the system.
+    taking one atomic across the read threads. What a free buffer's reference count reads is measured
+    once, with the same loop (Python 3.14 borrows loop variables' references, so it reads one less than
+    on 3.10-3.13); where a held buffer would not read more, or without the GIL, there is no pool.
+    Memory: the buffers a reader needed at once, kept instead of returned to the system.
     """
 
     def __init__(self, keep: int = 64):
-        self.keep = keep if getattr(sys, "_is_gil_enabled", lambda: True)() else 0
+        self._free = _free_refcount([np.empty(1, dtype=np.uint8)])
+        probe = [np.empty(1, dtype=np.uint8)]
+        held = probe[0][:1]  # noqa: F841 -- a view alive during the measurement, as a batch would be
+        usable = getattr(sys, "_is_gil_enabled", lambda: True)() and _free_refcount(probe) > self._free
+        self.keep = keep if usable else 0
         self._kept: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -71,8 +77,8 @@ class _Buffers:
         size = -(-n // step) * step
         with self._lock:
             spare = None
-            for b in self._kept:  # a free buffer's references: the list's, `b`'s, getrefcount's argument
-                if sys.getrefcount(b) == 3:
+            for b in self._kept:  # a free buffer's references: the list's and the loop's (see _free_refcount)
+                if sys.getrefcount(b) == self._free:
                     if b.size == size:
                         return b[:n]
                     spare = b
@@ -82,6 +88,15 @@ class _Buffers:
             if len(self._kept) < self.keep:
                 self._kept.append(b)
             return b[:n]
+
+
+def _free_refcount(kept: list[np.ndarray]) -> int:
+    """sys.getrefcount of the last buffer of `kept` read in the loop _Buffers.get uses (3 on CPython 3.10-3.13:
+    the list's reference, the loop variable's, the argument's)."""
+    count = -1
+    for b in kept:
+        count = sys.getrefcount(b)
+    return count
 
 
 @dataclass(frozen=True)
