@@ -118,6 +118,9 @@ def _agree(fn: Callable[[], Any], world: int) -> Any:
 def load_teachers(cfg: PipelineConfig,
                   device: torch.device) -> tuple[dict[str, torch.nn.Module], dict[str, TeacherMeta]]:
     """Every teacher of cfg, frozen, on `device`, with its store metadata; unusable weights are a ConfigError."""
+    if cfg.store.teacher_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"store.teacher_precision = 'bf16', but {torch.cuda.get_device_name(device)} has no bf16 "
+                          "support: set it to \"float32\"")
     models, metas = {}, {}
     for name, tc in cfg.teachers.items():
         try:

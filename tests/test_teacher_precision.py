@@ -72,3 +72,14 @@ def test_a_store_keeps_its_teacher_precision(reference):
         with pytest.raises(StoreMismatchError) as e:
             run_extraction(extract_config(tmp, tars, [f'store.teacher_precision="{second}"'], store=store))
         assert message in str(e.value)
+
+
+def test_bf16_on_a_gpu_without_bf16_is_a_config_error(reference, monkeypatch):
+    from extract.pipeline import load_teachers
+    from store_schema.config import ConfigError
+    tmp, tars, _ = reference
+    cfg = extract_config(tmp, tars, ['store.teacher_precision="bf16"'])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ConfigError, match="Tesla V100 has no bf16 support"):
+        load_teachers(cfg, torch.device("cuda"))  # refused before anything touches the device
