@@ -10,6 +10,9 @@ ImageNet-1k image) and saved as JPEG (quality 90), decoded by:
   tv-cuda      — torchvision.io.decode_jpeg on the GPU (nvJPEG), batches of --batch, per wall-second
                  (only with a CUDA device)
 
+torchvision 0.29 deprecates its image decoding in favour of TorchCodec (a DeprecationWarning): the tv rows
+measure the decoder the issue names, not a recommendation to build on it.
+
 One torch thread; medians of --repeats passes over all images. The goal it checks: one H100 extracting
 >= 1,500 images/s needs 1,500 / (pil images per CPU-second) cores just to decode.
 
@@ -19,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import bench_config, print_json, print_table
+from benchmarks.common import bench_config, median_time, print_json, print_table
 
 
 def jpeg_images(n: int, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[bytes]:
@@ -79,13 +81,7 @@ def _tv_cuda(files: list[bytes], batch: int) -> None:
 
 def rate(fn, n: int, repeats: int, clock) -> float:
     """Median images per second of `clock` over `repeats` passes (one warm-up pass first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return n / statistics.median(times)
+    return n / median_time(fn, repeats, warmup=1, clock=clock)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,7 +43,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where r
 
 
 def _forwards(precision: str):
-    """The context of a bare teacher forward: inference mode, autocast as store.teacher_precision asks."""
+    """The autocast of a bare teacher forward, as store.teacher_precision asks (off for float32)."""
     return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
